@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Detect the platform and start the right mode: `python3 -m handler` on the RunPod serverless job queue
+# (RUNPOD_WEBHOOK_GET_JOB set), `python3 -m gateway` (HTTP mode) everywhere else. MODE=gateway|handler overrides.
+set -euo pipefail
+
+mode=$(python3 -m lifecycle.platform) || exit 2
+
+if [[ "${DEBUG_SHELL:-false}" =~ ^([Tt][Rr][Uu][Ee]|1|[Yy][Ee][Ss])$ ]]; then
+    echo "DEBUG_SHELL: mode=${mode}; resolved settings (no secrets):"
+    python3 -m lifecycle.settings || true
+    echo "DEBUG_SHELL: holding the container; exec into it to debug."
+    exec sleep infinity
+fi
+
+exec python3 -m "${mode}"

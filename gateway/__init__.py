@@ -1,0 +1,1 @@
+"""HTTP mode: an OpenAI-compatible aiohttp gateway in front of llama-server."""

@@ -1,0 +1,17 @@
+"""Typed keys for what the gateway app holds; one owner per piece of mutable state."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.auth import KeyRing
+from gateway.stats import Stats
+from lifecycle.settings import Settings
+from lifecycle.supervisor import Supervisor
+from lifecycle.upstream import Upstream
+
+SETTINGS = web.AppKey("settings", Settings)
+BACKEND = web.AppKey("backend", Supervisor)
+UPSTREAM = web.AppKey("upstream", Upstream)
+STATS = web.AppKey("stats", Stats)
+KEYS = web.AppKey("keys", KeyRing)

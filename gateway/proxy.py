@@ -1,0 +1,105 @@
+"""OpenAI routes passed through to llama-server: bodies forwarded as received, streams as they arrive."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import aiohttp
+from aiohttp import web
+
+from gateway.appkeys import BACKEND, UPSTREAM
+from gateway.errors import error_response, sse_error_event
+
+log = logging.getLogger("gateway.proxy")
+
+JSON_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+GET_ROUTES = ("/v1/models",)
+RETRY_AFTER_LOADING = "5"
+
+# Response headers we set ourselves; llama-server's CORS headers never reach the client.
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def _unavailable(request: web.Request) -> web.Response | None:
+    backend = request.app[BACKEND]
+    if backend.ready:
+        return None
+    return error_response(
+        503, f"the model backend is {backend.state.value}; retry shortly", "backend_unavailable",
+        headers={"Retry-After": RETRY_AFTER_LOADING},
+    )
+
+
+async def proxy_json(request: web.Request) -> web.StreamResponse:
+    if (refused := _unavailable(request)) is not None:
+        return refused
+    body = await request.read()
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return error_response(400, "the request body is not valid JSON", "invalid_json")
+    if not isinstance(parsed, dict):
+        return error_response(400, "the request body must be a JSON object", "invalid_json")
+    return await _forward(request, "POST", body, {"Content-Type": "application/json"})
+
+
+async def proxy_get(request: web.Request) -> web.StreamResponse:
+    if (refused := _unavailable(request)) is not None:
+        return refused
+    return await _forward(request, "GET", None, None)
+
+
+async def _forward(
+    request: web.Request, method: str, body: bytes | None, headers: dict[str, str] | None
+) -> web.StreamResponse:
+    upstream = request.app[UPSTREAM]
+    try:
+        resp = await upstream.request(method, request.path, body=body, headers=headers)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        log.warning("backend request %s %s failed: %s", method, request.path, exc.__class__.__name__)
+        return error_response(502, "the model backend did not answer", "backend_error")
+    async with resp:
+        content_type = resp.headers.get("Content-Type", "application/json")
+        if not content_type.startswith("text/event-stream"):
+            try:
+                data = await resp.read()
+            except (aiohttp.ClientError, TimeoutError):
+                return error_response(502, "the model backend broke off its answer", "backend_error")
+            return web.Response(status=resp.status, body=data, headers={"Content-Type": content_type})
+        return await _stream(request, resp)
+
+
+async def _stream(request: web.Request, resp: aiohttp.ClientResponse) -> web.StreamResponse:
+    out = web.StreamResponse(status=resp.status, headers=_SSE_HEADERS)
+    await out.prepare(request)
+    while True:
+        try:
+            chunk = await resp.content.readany()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("backend stream broke off: %s", exc.__class__.__name__)
+            chunk, failed = sse_error_event("the model backend broke off the stream"), True
+        else:
+            failed = False
+        if not chunk:
+            break
+        try:
+            await out.write(chunk)
+        except ConnectionError:
+            resp.close()  # the client left: drop the upstream request so llama-server stops generating
+            return out
+        if failed:
+            break
+    await out.write_eof()
+    return out
+
+
+def add_routes(app: web.Application) -> None:
+    for path in JSON_ROUTES:
+        app.router.add_post(path, proxy_json)
+    for path in GET_ROUTES:
+        app.router.add_get(path, proxy_get, allow_head=False)

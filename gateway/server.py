@@ -1,0 +1,98 @@
+"""HTTP mode's main loop: start-up, serve, shutdown against one deadline.
+
+1. Both listeners come up first (the health port answers while the model loads; the main port answers 503).
+2. llama-server and the model are provisioned off the loop, then the supervisor starts the backend.
+3. Signal handlers only record the signal; the loop acts on it. A second SIGINT/SIGTERM forces exit.
+4. Shutdown stops the listeners, then the backend. Only __main__ calls sys.exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.health import create_health_app
+from lifecycle.fetch import ProvisionError
+from lifecycle.llama_server import ensure_llama_server, server_version
+from lifecycle.model import resolve_model
+from lifecycle.settings import Settings
+from lifecycle.supervisor import BackendStartError, BackendState, Supervisor
+
+log = logging.getLogger("gateway.server")
+
+
+def _handler_args(settings: Settings) -> dict[str, int]:
+    return {"max_line_size": 8192, "max_field_size": settings.max_header_line_size}
+
+
+async def _site(app: web.Application, host: str, port: int, settings: Settings) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None, handler_args=_handler_args(settings))
+    await runner.setup()
+    await web.TCPSite(runner, host, port, backlog=1024).start()
+    return runner
+
+
+async def serve(settings: Settings) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)  # the child dies with us (PR_SET_PDEATHSIG)
+        log.info("%s received: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    backend = Supervisor(settings)
+    runners = [
+        await _site(create_health_app(), settings.host, settings.port_health, settings),
+        await _site(create_app(settings, backend), settings.host, settings.port, settings),
+    ]
+    log.info("gateway listening on http://%s:%d (health port %d)", settings.host, settings.port, settings.port_health)
+    code = 0
+    try:
+        start = asyncio.create_task(_start_backend(settings, backend))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():
+            start.cancel()
+        else:
+            start.result()
+            # Until restarts land (resilience issue), a dead backend ends the process so the platform replaces it.
+            while not stop.is_set() and backend.state is BackendState.READY:
+                await asyncio.wait({stopped}, timeout=0.5)
+            if backend.state is BackendState.DOWN:
+                log.error("the backend is down: exiting so the platform can restart the container")
+                code = 1
+    except (ProvisionError, BackendStartError) as exc:
+        log.error("%s", exc)
+        code = 1
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+        await backend.stop()
+        log.info("stopped")
+    return code
+
+
+async def _start_backend(settings: Settings, backend: Supervisor) -> None:
+    binary = await asyncio.to_thread(ensure_llama_server, settings.llama_server_bin, settings.cache_dir, os.environ)
+    version = await asyncio.to_thread(server_version, binary)
+    model = await asyncio.to_thread(resolve_model, settings)
+    log.info("llama-server %s (%s); model %s", binary, version, model)
+    await backend.start(binary, model)
+    auth = ' -H "Authorization: Bearer <your key>"' if settings.auth_enabled else ""
+    log.info(
+        "ready: model %s on http://localhost:%d\n  try: curl http://localhost:%d/v1/chat/completions%s "
+        "-H 'Content-Type: application/json' -d '{\"model\": \"any\", \"messages\": "
+        "[{\"role\": \"user\", \"content\": \"Hello!\"}]}'",
+        backend.model_id, settings.port, settings.port, auth,
+    )

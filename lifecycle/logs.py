@@ -1,0 +1,45 @@
+"""Logging for both modes: stderr plus a boot log under $DATA_DIR/logs/_boot/, written off the event loop."""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import queue
+import sys
+import time
+from pathlib import Path
+
+from lifecycle.settings import Settings
+from lifecycle.supervisor import instance_id
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(settings: Settings, level: int = logging.INFO) -> logging.handlers.QueueListener:
+    """Route every record through a queue to a listener thread, so file writes never block the loop.
+
+    The caller stops the returned listener on exit (it flushes what is queued).
+    """
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    boot_dir = settings.boot_log_dir
+    try:
+        boot_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d_%H%M%S")
+        handlers.append(logging.FileHandler(boot_dir / f"{stamp}_boot_{instance_id()}.log"))
+    except OSError as exc:
+        print(f"warning: cannot write boot logs under {boot_dir}: {exc.strerror}", file=sys.stderr)
+    formatter = logging.Formatter(FORMAT)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    root = logging.getLogger()
+    root.handlers[:] = [logging.handlers.QueueHandler(records)]
+    root.setLevel(level)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    listener = logging.handlers.QueueListener(records, *handlers, respect_handler_level=True)
+    listener.start()
+    return listener
+
+
+def boot_log_files(settings: Settings) -> list[Path]:
+    return sorted(settings.boot_log_dir.glob("*_boot_*.log"))

@@ -1,0 +1,248 @@
+"""The one settings object, built once from the environment and passed explicitly.
+
+The variable names and defaults of the project we replace are the public contract (see
+docs/CONFIGURATION.md). Every bad value raises SettingsError naming the variable, the value and
+what is allowed; the entry points turn it into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lifecycle.platform import detect_data_dir
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+MODES = ("gateway", "handler")
+
+
+class SettingsError(ValueError):
+    """A bad environment value; str() is the one line shown to the user."""
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def str(self, name: str, default: str = "") -> str:
+        value = self.raw(name)
+        return default if value is None else value
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return default
+        low = value.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise SettingsError(f"{name}={value!r} is not a boolean: use true/false, 1/0 or yes/no")
+
+    def int(self, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < minimum or (maximum is not None and number > maximum):
+            allowed = f"an integer >= {minimum}" if maximum is None else f"an integer {minimum}-{maximum}"
+            raise SettingsError(f"{name}={value!r} is not allowed: use {allowed}")
+        return number
+
+    def float(self, name: str, default: float, minimum: float = 0.0) -> float:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is None or number != number or number < minimum:
+            raise SettingsError(f"{name}={value!r} is not allowed: use a number >= {minimum:g}")
+        return number
+
+    def port(self, name: str, default: int) -> int:
+        return self.int(name, default, minimum=1, maximum=65535)
+
+    def path(self, name: str) -> Path | None:
+        value = self.raw(name)
+        return None if value is None else Path(value).expanduser()
+
+
+def default_cache_dir(env: Mapping[str, str]) -> Path:
+    if env.get("LLAMA_GGUF_CACHE_DIR"):
+        return Path(env["LLAMA_GGUF_CACHE_DIR"]).expanduser()
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "llama-gguf-inference"
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    models_dir: Path
+    model_name: str | None = None
+    model_path: Path | None = None
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir(os.environ))
+    llama_server_bin: Path | None = None
+
+    auth_enabled: bool = True
+    auth_keys_file: Path | None = None
+    max_requests_per_minute: int = 100
+    cors_origins: tuple[str, ...] = ()
+
+    parallel: int = 4
+    max_concurrent_requests: int = 4
+    max_queue_size: int = 0
+    max_request_body_size: int = 10 * 1024 * 1024
+    max_headers: int = 64
+    max_header_line_size: int = 8192
+
+    ngl: int = 99
+    ctx: int = 16384
+    threads: int = 0
+    extra_args: tuple[str, ...] = ()
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    port_health: int = 8001
+    port_backend: int = 8080
+
+    log_name: str = "llama"
+    worker_type: str = ""
+    debug_shell: bool = False
+    mode: str | None = None
+
+    stop_timeout: float = 10.0
+    deprecations: tuple[str, ...] = ()
+
+    @property
+    def keys_file(self) -> Path:
+        return self.auth_keys_file or self.data_dir / "api_keys.txt"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs" / self.log_name
+
+    @property
+    def boot_log_dir(self) -> Path:
+        return self.data_dir / "logs" / "_boot"
+
+    def describe(self) -> dict[str, str]:
+        """The resolved settings as strings, safe to print (no secrets live in Settings)."""
+        out = {}
+        for key, value in asdict(self).items():
+            if isinstance(value, tuple):
+                value = " ".join(value)
+            out[key] = "" if value is None else str(value)
+        out["keys_file"] = str(self.keys_file)
+        out["log_dir"] = str(self.log_dir)
+        return out
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, probe_roots: Iterable[Path] | None = None
+    ) -> Settings:
+        env = os.environ if env is None else env
+        r = _Reader(env)
+        deprecations: list[str] = []
+
+        data_dir = detect_data_dir(r.path("DATA_DIR"), probe_roots)
+        models_dir = r.path("MODELS_DIR") or data_dir / "models"
+
+        worker_type = r.str("WORKER_TYPE")
+        log_name = f"llama-{worker_type}" if worker_type else r.str("LOG_NAME", "llama")
+        if "/" in log_name or log_name in (".", ".."):
+            raise SettingsError(f"LOG_NAME={log_name!r} is not allowed: use a plain folder name")
+
+        if r.raw("PORT_BACKEND") is not None:
+            port_backend = r.port("PORT_BACKEND", 8080)
+        else:
+            port_backend = r.port("BACKEND_PORT", 8080)
+            if r.raw("BACKEND_PORT") is not None:
+                deprecations.append("BACKEND_PORT is deprecated: use PORT_BACKEND")
+
+        extra = r.str("EXTRA_ARGS")
+        try:
+            extra_args = tuple(shlex.split(extra))
+        except ValueError as exc:
+            raise SettingsError(f"EXTRA_ARGS={extra!r} cannot be split like a shell line: {exc}") from None
+
+        cors = tuple(o.strip() for o in r.str("CORS_ORIGINS").split(",") if o.strip())
+
+        mode = r.raw("MODE")
+        if mode is not None and mode.lower() not in MODES:
+            raise SettingsError(f"MODE={mode!r} is not allowed: use {' or '.join(MODES)}")
+
+        parallel = r.int("PARALLEL", 4, minimum=1)
+        model_name = r.raw("MODEL_NAME")
+        if model_name is not None and ("/" in model_name or model_name in (".", "..")):
+            raise SettingsError(f"MODEL_NAME={model_name!r} is not allowed: use a file name; use MODEL_PATH for paths")
+
+        settings = cls(
+            data_dir=data_dir,
+            models_dir=models_dir,
+            model_name=model_name,
+            model_path=r.path("MODEL_PATH"),
+            cache_dir=default_cache_dir(env),
+            llama_server_bin=r.path("LLAMA_SERVER_BIN"),
+            auth_enabled=r.bool("AUTH_ENABLED", True),
+            auth_keys_file=r.path("AUTH_KEYS_FILE"),
+            max_requests_per_minute=r.int("MAX_REQUESTS_PER_MINUTE", 100, minimum=1),
+            cors_origins=cors,
+            parallel=parallel,
+            max_concurrent_requests=r.int("MAX_CONCURRENT_REQUESTS", parallel, minimum=1),
+            max_queue_size=r.int("MAX_QUEUE_SIZE", 0),
+            max_request_body_size=r.int("MAX_REQUEST_BODY_SIZE", 10 * 1024 * 1024, minimum=1),
+            max_headers=r.int("MAX_HEADERS", 64, minimum=1),
+            max_header_line_size=r.int("MAX_HEADER_LINE_SIZE", 8192, minimum=256),
+            ngl=r.int("NGL", 99, minimum=0),
+            ctx=r.int("CTX", 16384, minimum=0),
+            threads=r.int("THREADS", 0),
+            extra_args=extra_args,
+            host=r.str("HOST", "0.0.0.0"),
+            port=r.port("PORT", 8000),
+            port_health=r.port("PORT_HEALTH", 8001),
+            port_backend=port_backend,
+            log_name=log_name,
+            worker_type=worker_type,
+            debug_shell=r.bool("DEBUG_SHELL", False),
+            mode=mode.lower() if mode else None,
+            stop_timeout=r.float("BACKEND_STOP_TIMEOUT", 10.0),
+            deprecations=tuple(deprecations),
+        )
+        ports = {"PORT": settings.port, "PORT_HEALTH": settings.port_health, "PORT_BACKEND": settings.port_backend}
+        if len(set(ports.values())) != len(ports):
+            shown = ", ".join(f"{k}={v}" for k, v in ports.items())
+            raise SettingsError(f"ports must differ: {shown}")
+        return settings
+
+
+def main() -> int:
+    """`python -m lifecycle.settings`: print the resolved settings (DEBUG_SHELL uses it)."""
+    import sys
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for key, value in settings.describe().items():
+        print(f"  {key}={value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

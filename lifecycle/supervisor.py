@@ -1,0 +1,237 @@
+"""The llama-server child process as one unit: start, wait until ready, watch, stop.
+
+Invariants:
+1. The supervisor is the only owner of the child and of `state`; everything else reads them.
+2. The backend only answers requests that carry the per-boot key, which lives in a 0600 file in a 0700
+   folder and is removed on stop: nothing else on the host can use the backend.
+3. The child can never outlive us: it gets PR_SET_PDEATHSIG=SIGKILL (so even SIGKILL of our process takes it
+   down) and stop() sends SIGTERM to its process group, waits, then SIGKILLs and reaps it.
+4. Readiness is polled on the backend's /health with no attempt cap while the child lives (big models load
+   for minutes); if the child exits while loading, start() raises with its last log lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import enum
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+
+from lifecycle.settings import Settings
+
+log = logging.getLogger("lifecycle.supervisor")
+
+PR_SET_PDEATHSIG = 1
+LOG_TAIL_LINES = 30
+
+
+class BackendState(enum.StrEnum):
+    STOPPED = "stopped"
+    LOADING = "loading"
+    READY = "ready"
+    RESTARTING = "restarting"
+    STOPPING = "stopping"
+    DOWN = "down"
+
+
+class BackendStartError(RuntimeError):
+    """llama-server exited before it became ready; str() carries its last log lines."""
+
+
+def instance_id() -> str:
+    return os.environ.get("RUNPOD_POD_ID") or socket.gethostname() or "local"
+
+
+def server_log_path(log_dir: Path, now: float | None = None) -> Path:
+    stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(now))
+    return log_dir / f"{stamp}_server_{instance_id()}.log"
+
+
+def tail_lines(path: Path, count: int = LOG_TAIL_LINES) -> list[str]:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 64 * 1024))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    return list(deque(lines, maxlen=count))
+
+
+def _child_setup() -> Callable[[], None] | None:
+    """A preexec_fn that makes the kernel SIGKILL the child when we die; resolved before fork."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None  # not Linux: stop() still covers every orderly exit
+    parent = os.getpid()
+
+    def setup() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # we died between fork and prctl
+            os._exit(1)
+
+    return setup
+
+
+def backend_command(settings: Settings, binary: Path, model: Path, key_file: Path) -> list[str]:
+    cmd = [
+        str(binary),
+        "--host", "127.0.0.1",
+        "--port", str(settings.port_backend),
+        "-m", str(model),
+        "-c", str(settings.ctx),
+        "-ngl", str(settings.ngl),
+        "--parallel", str(settings.parallel),
+        "--api-key-file", str(key_file),
+    ]
+    if settings.threads:
+        cmd += ["-t", str(settings.threads)]
+    if "--alias" not in settings.extra_args and "-a" not in settings.extra_args:
+        cmd += ["--alias", model.name]
+    return cmd + list(settings.extra_args)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, *, poll_interval: float = 0.25) -> None:
+        self.settings = settings
+        self.binary: Path | None = None
+        self.model: Path | None = None
+        self.poll_interval = poll_interval
+        self.state = BackendState.STOPPED
+        self.api_key = secrets.token_urlsafe(32)
+        self.base_url = f"http://127.0.0.1:{settings.port_backend}"
+        self.log_path: Path | None = None
+        self.started_at: float | None = None
+        self.ready_at: float | None = None
+        self.last_error: str | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._secret_dir: Path | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def model_id(self) -> str | None:
+        return self.model.name if self.model else None
+
+    @property
+    def ready(self) -> bool:
+        return self.state is BackendState.READY
+
+    def _write_key_file(self) -> Path:
+        self._secret_dir = Path(tempfile.mkdtemp(prefix="llama-gguf-backend-"))
+        key_file = self._secret_dir / "api_key"
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(self.api_key + "\n")
+        return key_file
+
+    async def start(self, binary: Path, model: Path) -> None:
+        """Spawn llama-server and return once it answers /health with 200."""
+        assert self._proc is None, "already started"
+        self.binary, self.model = binary, model
+        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = server_log_path(self.settings.log_dir)
+        key_file = self._write_key_file()
+        cmd = backend_command(self.settings, binary, model, key_file)
+        log.info("starting llama-server on 127.0.0.1:%d; log: %s", self.settings.port_backend, self.log_path)
+        self.state = BackendState.LOADING
+        self.started_at = time.monotonic()
+        with self.log_path.open("ab") as out:
+            self._proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_child_setup(),
+            )
+        try:
+            await self._wait_ready()
+        except BaseException:
+            await self.stop()
+            raise
+        self.state = BackendState.READY
+        self.ready_at = time.monotonic()
+        log.info("llama-server ready in %.1fs (pid %d)", self.ready_at - self.started_at, self._proc.pid)
+        self._watch_task = asyncio.create_task(self._watch(), name="llama-server-watch")
+
+    async def _wait_ready(self) -> None:
+        assert self._proc is not None
+        exited = asyncio.create_task(self._proc.wait())
+        timeout = aiohttp.ClientTimeout(total=5)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                while not exited.done():
+                    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                        async with session.get(f"{self.base_url}/health") as resp:
+                            if resp.status == 200:
+                                return
+                    await asyncio.wait({exited}, timeout=self.poll_interval)
+        finally:
+            if not exited.done():
+                exited.cancel()
+        lines = await asyncio.to_thread(tail_lines, self.log_path) if self.log_path else []
+        self.last_error = f"llama-server exited with code {self._proc.returncode} while loading"
+        self.state = BackendState.DOWN
+        raise BackendStartError(
+            f"{self.last_error}; log {self.log_path}, last lines:\n" + "\n".join(f"  {line}" for line in lines)
+        )
+
+    async def _watch(self) -> None:
+        assert self._proc is not None
+        code = await self._proc.wait()
+        if self.state in (BackendState.STOPPING, BackendState.STOPPED):
+            return
+        lines = await asyncio.to_thread(tail_lines, self.log_path) if self.log_path else []
+        self.last_error = f"llama-server exited unexpectedly with code {code}"
+        self.state = BackendState.DOWN
+        log.error("%s; last lines:\n%s", self.last_error, "\n".join(lines[-10:]))
+
+    async def stop(self) -> None:
+        """SIGTERM the child's process group, SIGKILL after stop_timeout, reap; idempotent."""
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            self.state = BackendState.STOPPING
+            self._signal(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self.settings.stop_timeout)
+            except TimeoutError:
+                log.warning("llama-server ignored SIGTERM for %.0fs; killing it", self.settings.stop_timeout)
+                self._signal(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+            self._watch_task = None
+        if self._secret_dir is not None:
+            shutil.rmtree(self._secret_dir, ignore_errors=True)
+            self._secret_dir = None
+        self.state = BackendState.STOPPED
+
+    @staticmethod
+    def _signal(pid: int, sig: signal.Signals) -> None:
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
