@@ -48,5 +48,5 @@ async def _alive(_request: web.Request) -> web.Response:
 def create_health_app() -> web.Application:
     """PORT_HEALTH: 200 to GET and HEAD on any path, never touching the backend, up before the model loads."""
     app = web.Application()
-    app.router.add_route("GET", "/{tail:.*}", _alive)
+    app.router.add_get("/{tail:.*}", _alive)
     return app

@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""A stand-in llama-server for supervisor fault tests (slow start, crash while loading, ignores SIGTERM).
+
+FAKE_MODE: ready (default) | never_ready | exit_loading | ignore_sigterm. Takes llama-server's arguments.
+"""
+
+import os
+import signal
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+mode = os.environ.get("FAKE_MODE", "ready")
+args = sys.argv[1:]
+if "--version" in args:
+    print("version: 0 (fake)", file=sys.stderr)
+    sys.exit(0)
+port = int(args[args.index("--port") + 1])
+print(f"fake llama-server pid {os.getpid()} mode {mode} args {' '.join(args)}", flush=True)
+
+if mode == "exit_loading":
+    print("loading model ...", flush=True)
+    print("error: failed to load model: not a GGUF file", flush=True)
+    sys.exit(3)
+if mode == "ignore_sigterm":
+    signal.signal(signal.SIGTERM, lambda *_: print("ignoring SIGTERM", flush=True))
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        ok = mode != "never_ready" and self.path == "/health"
+        body = b'{"status":"ok"}' if ok else b'{"error":{"message":"Loading model","code":503}}'
+        self.send_response(200 if ok else 503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+try:
+    server.serve_forever()
+finally:
+    time.sleep(0)

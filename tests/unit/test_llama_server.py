@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from lifecycle.fetch import ProvisionError
+from lifecycle.llama_server import cache_version, cached_binary, check_build_tools, find_llama_server
+
+
+def exe(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_resolution_order(tmp_path: Path) -> None:
+    explicit = exe(tmp_path / "explicit" / "llama-server")
+    on_path = exe(tmp_path / "bin" / "llama-server")
+    official = exe(tmp_path / "app" / "llama-server")
+    cache = tmp_path / "cache"
+    cached = exe(cached_binary(cache, ""))
+    env = {"PATH": str(on_path.parent)}
+    assert find_llama_server(explicit, cache, env, official) == explicit
+    assert find_llama_server(None, cache, env, official) == on_path
+    assert find_llama_server(None, cache, {"PATH": ""}, official) == official
+    assert find_llama_server(None, cache, {"PATH": ""}, tmp_path / "none") == cached
+    assert find_llama_server(None, tmp_path / "empty", {"PATH": ""}, tmp_path / "none") is None
+
+
+def test_explicit_binary_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ProvisionError, match="LLAMA_SERVER_BIN"):
+        find_llama_server(tmp_path / "missing", tmp_path, {"PATH": ""})
+
+
+def test_cmake_args_get_their_own_cache_entry(tmp_path: Path) -> None:
+    assert cache_version("") == "0.3.36"
+    cuda = cache_version("-DGGML_CUDA=ON")
+    assert cuda.startswith("0.3.36-") and cuda != cache_version("-DGGML_VULKAN=ON")
+    assert find_llama_server(None, tmp_path, {"PATH": "", "CMAKE_ARGS": "-DGGML_CUDA=ON"}, tmp_path / "x") is None
+
+
+def test_missing_build_tools_say_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.executable", str(tmp_path / "python"))
+    with pytest.raises(ProvisionError) as err:
+        check_build_tools({"PATH": str(tmp_path)})
+    message = str(err.value)
+    assert "apt-get install cmake" in message and "pip install cmake" in message
+    assert "build-essential" in message
+    assert "LLAMA_SERVER_BIN" in message
+
+
+def test_real_tools_are_found() -> None:
+    assert check_build_tools(os.environ)
