@@ -52,10 +52,15 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, on_signal, sig)
 
     backend = Supervisor(settings)
-    runners = [
-        await _site(create_health_app(), settings.host, settings.port_health, settings),
-        await _site(create_app(settings, backend), settings.host, settings.port, settings),
-    ]
+    runners: list[web.AppRunner] = []
+    try:
+        for app, port in ((create_health_app(), settings.port_health), (create_app(settings, backend), settings.port)):
+            runners.append(await _site(app, settings.host, port, settings))
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.host, port, exc.strerror or exc)
+        for runner in runners:
+            await runner.cleanup()
+        return 1
     log.info("gateway listening on http://%s:%d (health port %d)", settings.host, settings.port, settings.port_health)
     code = 0
     try:
