@@ -26,12 +26,16 @@ from lifecycle.supervisor import BackendStartError, BackendState, Supervisor
 log = logging.getLogger("gateway.server")
 
 
-def _handler_args(settings: Settings) -> dict[str, int]:
-    return {"max_line_size": 8192, "max_field_size": settings.max_header_line_size}
+def _limits(settings: Settings) -> dict[str, int]:
+    return {
+        "max_line_size": 8192,
+        "max_field_size": settings.max_header_line_size,
+        "max_headers": settings.max_headers,
+    }
 
 
 async def _site(app: web.Application, host: str, port: int, settings: Settings) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, handler_args=_handler_args(settings))
+    runner = web.AppRunner(app, access_log=None, **_limits(settings))
     await runner.setup()
     await web.TCPSite(runner, host, port, backlog=1024).start()
     return runner

@@ -74,3 +74,10 @@ def test_health_port_answers_any_path(gateway: Gateway) -> None:
     for path in ("/", "/ping", "/health", "/anything/at/all?x=1"):
         assert requests.get(base + path, timeout=5).status_code == 200
         assert requests.head(base + path, timeout=5).status_code == 200
+
+
+def test_gateway_log_is_clean(gateway: Gateway) -> None:
+    requests.get(f"{gateway.url}/ping", timeout=5)
+    output = gateway.output()
+    assert "misconfiguration" not in output
+    assert "Traceback" not in output
