@@ -126,6 +126,7 @@ class Settings:
     mode: str | None = None
 
     stop_timeout: float = 10.0
+    backend_wait: float = 120.0
     deprecations: tuple[str, ...] = ()
 
     @property
@@ -221,6 +222,7 @@ class Settings:
             debug_shell=r.bool("DEBUG_SHELL", False),
             mode=mode.lower() if mode else None,
             stop_timeout=r.float("BACKEND_STOP_TIMEOUT", 10.0),
+            backend_wait=r.float("BACKEND_WAIT_TIMEOUT", 120.0),
             deprecations=tuple(deprecations),
         )
         ports = {"PORT": settings.port, "PORT_HEALTH": settings.port_health, "PORT_BACKEND": settings.port_backend}

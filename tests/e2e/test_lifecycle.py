@@ -207,3 +207,16 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_entrypoint_picks_serverless_mode_on_the_runpod_queue(tmp_path: Path) -> None:
+    env = {**os.environ, "DEBUG_SHELL": "1", "DATA_DIR": str(tmp_path), "RUNPOD_WEBHOOK_GET_JOB": "http://x/$ID?a=b",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([str(ROOT / "entrypoint.sh")], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        assert "mode=handler" in proc.stdout.readline()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -1,0 +1,1 @@
+"""Serverless mode: a RunPod job-queue worker on the same llama-server lifecycle."""

@@ -1,0 +1,70 @@
+"""`python -m handler`: RunPod serverless mode.
+
+Starts llama-server through the shared lifecycle, waits until it is ready (logging the cold start), then hands
+control to `runpod.serverless.start`, which picks its own mode:
+- RUNPOD_WEBHOOK_GET_JOB set: the real queue worker;
+- `--rp_serve_api --rp_api_port N`: the SDK's local API server (/run, /runsync, /stream, /status);
+- otherwise: local test mode, running ./test_input.json (or --test_input '{...}') once and exiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from handler.worker import JobHandler, collect
+from lifecycle.background import BackgroundBackend
+from lifecycle.fetch import ProvisionError
+from lifecycle.logs import setup_logging
+from lifecycle.settings import Settings, SettingsError
+from lifecycle.supervisor import BackendStartError
+
+log = logging.getLogger("handler")
+
+
+def _local_test_mode(env: dict[str, str], argv: list[str]) -> bool:
+    serving = any(arg.startswith("--rp_serve_api") for arg in argv) or env.get("RUNPOD_REALTIME_PORT")
+    return not env.get("RUNPOD_WEBHOOK_GET_JOB") and not serving
+
+
+def main() -> int:
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    listener = setup_logging(settings)
+    backend = BackgroundBackend(settings)
+    try:
+        try:
+            cold_start = backend.start()
+        except (ProvisionError, BackendStartError) as exc:
+            log.error("%s", exc)
+            return 1
+        log.info("cold start: llama-server ready %.2fs after process start (model %s, %d slots)",
+                 cold_start, backend.supervisor.model_id, settings.parallel)
+        # The SDK reads its settings from the environment at import; it logs at DEBUG unless told otherwise.
+        os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
+        import runpod
+
+        handler = JobHandler(settings, backend.supervisor)
+        local = _local_test_mode(dict(os.environ), sys.argv[1:])
+        slots = settings.parallel
+        try:
+            runpod.serverless.start({
+                "handler": collect(handler.run) if local else handler.run,
+                "return_aggregate_stream": True,
+                # Constant on purpose: the SDK only resizes once no job is in flight.
+                "concurrency_modifier": lambda _current: slots,
+            })
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return 0
+    finally:
+        backend.stop()
+        listener.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

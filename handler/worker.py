@@ -1,0 +1,171 @@
+"""The RunPod job handler: one async generator per job, streaming llama-server's output as it arrives.
+
+Output shapes (with `return_aggregate_stream=True` the job's final output is the list of everything yielded):
+- openai_route, non-streaming: one item, the OpenAI response object.
+- openai_route, streaming: strings of raw SSE events (`data: {...}\\n\\n`, ending with `data: [DONE]\\n\\n`),
+  which RunPod's OpenAI-compatible route (`/openai/v1/...`) writes straight into its event stream, as
+  RunPod's vLLM worker does with RAW_OPENAI_OUTPUT.
+- native, streaming: text chunks as they are generated.
+- native, non-streaming: one item, {"text", "finish_reason", "usage"}.
+Anything that goes wrong is one yielded {"error": "..."}, which fails the job; the worker takes the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+
+from handler.jobs import BackendCall, JobInputError, parse_job_input
+from lifecycle.settings import Settings
+from lifecycle.supervisor import Supervisor
+from lifecycle.upstream import Upstream
+
+log = logging.getLogger("handler")
+
+DONE_EVENT = b"data: [DONE]"
+
+
+async def sse_batches(resp: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
+    """The complete SSE events that have arrived, as a batch each time more bytes arrive."""
+    buffer = b""
+    async for chunk in resp.content.iter_any():
+        buffer += chunk.replace(b"\r\n", b"\n")
+        *events, buffer = buffer.split(b"\n\n")
+        events = [event for event in events if event.strip()]
+        if events:
+            yield events
+    if buffer.strip():
+        yield [buffer]
+
+
+def _event_json(event: bytes) -> dict[str, Any] | None:
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                return None
+            try:
+                parsed = json.loads(data)
+            except ValueError:
+                return None
+            return parsed if isinstance(parsed, dict) else None
+    return None
+
+
+def _text_of(choice: dict[str, Any]) -> str:
+    if "delta" in choice:
+        return choice["delta"].get("content") or ""
+    if "message" in choice:
+        return choice["message"].get("content") or ""
+    return choice.get("text") or ""
+
+
+def native_result(response: dict[str, Any]) -> dict[str, Any]:
+    choice = (response.get("choices") or [{}])[0]
+    return {"text": _text_of(choice), "finish_reason": choice.get("finish_reason"), "usage": response.get("usage")}
+
+
+def _backend_error(status: int, body: bytes) -> str:
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body.decode("utf-8", "replace")[:500] or "no details"
+    return f"the model backend answered {status}: {message}"
+
+
+class JobHandler:
+    """`run` is the SDK's handler, an async generator function: `async for output in handler.run(job)`."""
+
+    def __init__(self, settings: Settings, backend: Supervisor, *, backend_wait: float | None = None) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.backend_wait = settings.backend_wait if backend_wait is None else backend_wait
+        self._upstreams: dict[asyncio.AbstractEventLoop, Upstream] = {}
+
+    async def _upstream(self) -> Upstream:
+        # One pooled client per event loop: the SDK's API server and worker loop each run their own.
+        loop = asyncio.get_running_loop()
+        upstream = self._upstreams.get(loop)
+        if upstream is None:
+            upstream = Upstream(self.backend.base_url, self.backend.api_key)
+            await upstream.start()
+            self._upstreams[loop] = upstream
+        return upstream
+
+    async def _backend_ready(self) -> bool:
+        """A job arriving while the backend (re)starts waits for it, but only so long."""
+        deadline = asyncio.get_running_loop().time() + self.backend_wait
+        while not self.backend.ready:
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
+
+    async def run(self, job: dict[str, Any]) -> AsyncIterator[Any]:
+        job_id = job.get("id", "?")
+        try:
+            call = parse_job_input(job.get("input"), self.settings.max_request_body_size)
+        except JobInputError as exc:
+            log.info("job %s rejected: %s", job_id, exc)
+            yield {"error": str(exc)}
+            return
+        if not await self._backend_ready():
+            yield {"error": f"the model backend is {self.backend.state.value} and did not become ready within "
+                            f"{self.backend_wait:g}s; retry the job"}
+            return
+        upstream = await self._upstream()
+        body = json.dumps(call.body).encode() if call.body is not None else None
+        try:
+            resp = await upstream.request(call.method, call.path, body=body,
+                                          headers={"Content-Type": "application/json"})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("job %s: backend request failed: %s", job_id, exc.__class__.__name__)
+            yield {"error": "the model backend did not answer"}
+            return
+        async with resp:
+            try:
+                async for item in self._outputs(call, resp):
+                    yield item
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("job %s: backend broke off: %s", job_id, exc.__class__.__name__)
+                yield {"error": "the model backend broke off its answer"}
+
+    async def _outputs(self, call: BackendCall, resp: aiohttp.ClientResponse) -> AsyncIterator[Any]:
+        if resp.status >= 400:
+            yield {"error": _backend_error(resp.status, await resp.read())}
+            return
+        if not call.stream:
+            data = json.loads(await resp.read())
+            yield native_result(data) if call.native else data
+            return
+        async for events in sse_batches(resp):
+            if not call.native:
+                yield "".join(event.decode() + "\n\n" for event in events)
+                continue
+            for event in events:
+                parsed = _event_json(event)
+                if parsed and parsed.get("error"):
+                    yield {"error": _backend_error(500, json.dumps(parsed).encode())}
+                    return
+                text = "".join(_text_of(c) for c in (parsed or {}).get("choices") or [])
+                if text:
+                    yield text
+
+
+def collect(handler: Callable[[dict[str, Any]], AsyncIterator[Any]]):  # type: ignore[no-untyped-def]
+    """The SDK's local test mode awaits a handler instead of iterating it: hand it the aggregate."""
+
+    async def run(job: dict[str, Any]) -> Any:
+        outputs = []
+        async for item in handler(job):
+            if isinstance(item, dict) and item.get("error"):
+                return {"error": item["error"]}
+            outputs.append(item)
+        return outputs
+
+    return run

@@ -1,0 +1,69 @@
+"""The supervisor on its own event loop in a background thread, for hosts that own the main loop.
+
+The RunPod SDK runs its own event loop (asyncio.run or uvicorn) and blocks in it, so serverless mode keeps
+llama-server's supervisor on a private loop in this thread. The thread lives until stop(): it is the thread
+that forked llama-server, and PR_SET_PDEATHSIG fires when that thread ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from lifecycle.llama_server import ensure_llama_server, server_version
+from lifecycle.model import resolve_model
+from lifecycle.settings import Settings
+from lifecycle.supervisor import Supervisor
+
+log = logging.getLogger("lifecycle.background")
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux), for the cold-start log line."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+class BackgroundBackend:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.supervisor = Supervisor(settings)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="llama-server-lifecycle", daemon=True)
+        self._started = time.monotonic()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def start(self) -> float:
+        """Provision, start llama-server and block until it is ready; returns the cold-start seconds."""
+        self._thread.start()
+        binary = ensure_llama_server(self.settings.llama_server_bin, self.settings.cache_dir, os.environ)
+        log.info("llama-server %s (%s)", binary, server_version(binary))
+        model: Path = resolve_model(self.settings)
+        self._call(self.supervisor.start(binary, model))
+        age = process_age()
+        return age if age is not None else time.monotonic() - self._started
+
+    def _call(self, coro, timeout: float | None = None):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        try:
+            self._call(self.supervisor.stop(), timeout=self.settings.stop_timeout + 10)
+        except (concurrent.futures.TimeoutError, RuntimeError) as exc:
+            log.warning("stopping llama-server: %s", exc)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)

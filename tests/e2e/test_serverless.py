@@ -1,0 +1,230 @@
+"""Serverless mode against the real backend and the real runpod SDK: local API server, queue worker, local test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import ROOT, children_of, free_port, pid_alive
+from tests.fakes.fake_runpod_queue import FakeRunPodQueue
+
+CHAT = [{"role": "user", "content": "Say hello in one short sentence."}]
+_RUNPOD_VARS = ("RUNPOD_WEBHOOK_GET_JOB", "RUNPOD_WEBHOOK_POST_OUTPUT", "RUNPOD_WEBHOOK_POST_STREAM",
+                "RUNPOD_WEBHOOK_PING", "RUNPOD_REALTIME_PORT", "MODE")
+
+
+def handler_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _RUNPOD_VARS}
+    return {**env, "DATA_DIR": str(data_dir), "PORT_BACKEND": str(free_port()), "CTX": "4096", "PARALLEL": "4",
+            "RUNPOD_LOG_LEVEL": "INFO", **extra}
+
+
+def start_handler(data_dir: Path, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    out = (data_dir / "handler.out").open("wb")
+    return subprocess.Popen([sys.executable, "-m", "handler", *args], cwd=ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+# --- the SDK's local API server ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    data_dir = tmp_path_factory.mktemp("handler-api")
+    port = free_port()
+    proc = start_handler(data_dir, ["--rp_serve_api", "--rp_api_port", str(port)], handler_env(data_dir))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, (data_dir / "handler.out").read_text()
+        try:
+            requests.get(url + "/", timeout=2)
+            break
+        except requests.ConnectionError:
+            assert time.monotonic() < deadline, "API server did not come up"
+            time.sleep(0.2)
+    yield url
+    stop(proc)
+    assert "cold start: llama-server ready" in (data_dir / "handler.out").read_text()
+
+
+def runsync(api: str, job_input: dict) -> dict:
+    resp = requests.post(f"{api}/runsync", json={"input": job_input}, timeout=120)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_runsync_native_chat(api: str) -> None:
+    result = runsync(api, {"messages": CHAT, "sampling_params": {"max_tokens": 16, "temperature": 0}})
+    assert result["status"] == "COMPLETED"
+    (output,) = result["output"]
+    assert output["text"].strip()
+    assert output["finish_reason"] in ("stop", "length")
+    assert output["usage"]["completion_tokens"] > 0
+
+
+def test_runsync_native_prompt_streaming_yields_text_chunks(api: str) -> None:
+    result = runsync(api, {"prompt": "Once upon a time", "stream": True,
+                           "sampling_params": {"max_tokens": 16, "temperature": 0, "ignore_eos": True}})
+    chunks = result["output"]
+    assert len(chunks) > 3
+    assert all(isinstance(c, str) for c in chunks)
+    assert "".join(chunks).strip()
+
+
+def test_runsync_openai_route(api: str) -> None:
+    result = runsync(api, {"openai_route": "/v1/chat/completions",
+                           "openai_input": {"model": "any", "messages": CHAT, "max_tokens": 8}})
+    (output,) = result["output"]
+    assert output["object"] == "chat.completion"
+    assert output["choices"][0]["message"]["content"]
+    models = runsync(api, {"openai_route": "/v1/models"})["output"][0]
+    assert models["data"][0]["id"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_openai_route_stream_is_raw_sse(api: str) -> None:
+    result = runsync(api, {"openai_route": "/v1/chat/completions",
+                           "openai_input": {"model": "any", "messages": CHAT, "max_tokens": 8, "stream": True}})
+    text = "".join(result["output"])
+    events = [e for e in text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    first = json.loads(events[0][6:])
+    assert first["object"] == "chat.completion.chunk"
+
+
+def test_run_then_stream_returns_chunks(api: str) -> None:
+    job = requests.post(f"{api}/run", json={"input": {"messages": CHAT, "stream": True,
+                                                      "sampling_params": {"max_tokens": 16}}}, timeout=30).json()
+    streamed = requests.post(f"{api}/stream/{job['id']}", timeout=120).json()
+    assert streamed["status"] == "COMPLETED"
+    chunks = [item["output"] for item in streamed["stream"]]
+    assert len(chunks) > 2 and all(isinstance(c, str) for c in chunks)
+
+
+@pytest.mark.parametrize(
+    ("job_input", "message"),
+    [
+        ({}, "needs messages"),
+        ({"messages": "hi"}, "messages must be"),
+        ({"prompt": 42}, "prompt must be"),
+        ({"prompt": "x", "sampling_params": {"temprature": 1}}, "unknown sampling_params temprature"),
+        ({"prompt": "x", "sampling_params": {"max_tokens": "many"}}, "sampling_params.max_tokens must be int"),
+        ({"openai_route": "/v1/secret", "openai_input": {}}, "unknown openai_route"),
+        ({"prompt": "x" * 11_000_000}, "over the limit"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_the_worker_goes_on(api: str, job_input: dict, message: str) -> None:
+    result = runsync(api, job_input)
+    assert message in json.dumps(result), result
+    assert runsync(api, {"prompt": "Hi", "sampling_params": {"max_tokens": 2}})["status"] == "COMPLETED"
+
+
+# --- the SDK's real queue worker against a fake RunPod queue ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def queue_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeRunPodQueue]:
+    queue = FakeRunPodQueue().start()
+    data_dir = tmp_path_factory.mktemp("handler-queue")
+    proc = start_handler(data_dir, [], handler_env(data_dir, **queue.env()))
+    yield queue
+    code = stop(proc)
+    queue.stop()
+    output = (data_dir / "handler.out").read_text()
+    assert code == 0, output
+
+
+def test_queue_streaming_job_chunks_and_final_output(queue_worker: FakeRunPodQueue) -> None:
+    queue_worker.put("job-stream", {"messages": CHAT, "stream": True,
+                                    "sampling_params": {"max_tokens": 24, "temperature": 0}})
+    final = queue_worker.wait_done("job-stream")
+    chunks = queue_worker.chunks("job-stream")
+    assert len(chunks) > 3 and all(isinstance(c, str) for c in chunks)
+    assert final["output"] == chunks  # return_aggregate_stream: the final output is every chunk
+    assert "Authorization" not in str(queue_worker.auth) and "fake-runpod-key" in queue_worker.auth
+    first_chunk_at = queue_worker.streams["job-stream"][0][0]
+    assert first_chunk_at < queue_worker.finished["job-stream"]
+
+
+def test_queue_two_jobs_run_concurrently(queue_worker: FakeRunPodQueue) -> None:
+    params = {"max_tokens": 96, "temperature": 0, "ignore_eos": True}
+    queue_worker.put("job-a", {"prompt": "Tell a long story:", "stream": True, "sampling_params": params})
+    queue_worker.put("job-b", {"prompt": "Write a long poem:", "stream": True, "sampling_params": params})
+    queue_worker.wait_done("job-a")
+    queue_worker.wait_done("job-b")
+    taken, finished = queue_worker.taken, queue_worker.finished
+    # Each job was handed out before the other one finished: they overlapped.
+    assert taken["job-b"] < finished["job-a"] and taken["job-a"] < finished["job-b"]
+    assert len(queue_worker.chunks("job-a")) >= 90 and len(queue_worker.chunks("job-b")) >= 90
+
+
+def test_queue_bad_job_fails_and_next_job_runs(queue_worker: FakeRunPodQueue) -> None:
+    queue_worker.put("job-bad", {"nonsense": True})
+    assert "unknown input keys nonsense" in queue_worker.wait_done("job-bad")["error"]
+    queue_worker.put("job-after", {"prompt": "Hello", "sampling_params": {"max_tokens": 4}})
+    final = queue_worker.wait_done("job-after")
+    assert final["output"][0]["usage"]["completion_tokens"] > 0
+
+
+def test_queue_openai_route_non_streaming(queue_worker: FakeRunPodQueue) -> None:
+    queue_worker.put("job-openai", {"openai_route": "/v1/completions",
+                                    "openai_input": {"model": "any", "prompt": "Hi", "max_tokens": 4}})
+    final = queue_worker.wait_done("job-openai")
+    assert final["output"][0]["object"] == "text_completion"
+
+
+# --- local test mode ----------------------------------------------------------------------------------
+
+
+def test_test_input_json_runs_locally_and_exits_zero(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "handler"], cwd=ROOT, env=handler_env(tmp_path),
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Job result: {'output': [" in proc.stdout + proc.stderr
+    assert json.loads((ROOT / "test_input.json").read_text())["input"]["stream"] is True
+
+
+def test_local_test_with_bad_input_exits_nonzero(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "handler", "--test_input", json.dumps({"input": {"bad": 1}})],
+                          cwd=ROOT, env=handler_env(tmp_path), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1
+    assert "unknown input keys bad" in proc.stdout + proc.stderr
+
+
+def test_handler_leaves_no_backend_behind(tmp_path: Path) -> None:
+    proc = start_handler(tmp_path, ["--rp_serve_api", "--rp_api_port", str(free_port())], handler_env(tmp_path))
+    deadline = time.monotonic() + 60
+    backend: list[int] = []
+    while not backend and time.monotonic() < deadline:
+        backend = [p for p in children_of(proc.pid)
+                   if "llama-server" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+        time.sleep(0.1)
+    assert backend
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while pid_alive(backend[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(backend[0])
