@@ -10,12 +10,14 @@ from aiohttp import web
 
 from gateway.appkeys import BACKEND, UPSTREAM
 from gateway.errors import error_response, sse_error_event
+from lifecycle.upstream import UpstreamError
 
 log = logging.getLogger("gateway.proxy")
 
 JSON_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 GET_ROUTES = ("/v1/models",)
 RETRY_AFTER_LOADING = "5"
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 # Response headers we set ourselves; llama-server's CORS headers never reach the client.
 _SSE_HEADERS = {
@@ -35,6 +37,11 @@ def _unavailable(request: web.Request) -> web.Response | None:
     )
 
 
+def _backend_failed(method: str, path: str, exc: Exception) -> web.Response:
+    log.warning("backend request %s %s failed: %s", method, path, exc)
+    return error_response(502, "the model backend did not answer", "backend_error")
+
+
 async def proxy_json(request: web.Request) -> web.StreamResponse:
     if (refused := _unavailable(request)) is not None:
         return refused
@@ -45,36 +52,46 @@ async def proxy_json(request: web.Request) -> web.StreamResponse:
         return error_response(400, "the request body is not valid JSON", "invalid_json")
     if not isinstance(parsed, dict):
         return error_response(400, "the request body must be a JSON object", "invalid_json")
-    return await _forward(request, "POST", body, {"Content-Type": "application/json"})
+    if parsed.get("stream") is True:
+        return await _stream(request, body)
+    return await _fetch(request, "POST", body, JSON_HEADERS)
 
 
 async def proxy_get(request: web.Request) -> web.StreamResponse:
     if (refused := _unavailable(request)) is not None:
         return refused
-    return await _forward(request, "GET", None, None)
+    return await _fetch(request, "GET", None, None)
 
 
-async def _forward(
+async def _fetch(
     request: web.Request, method: str, body: bytes | None, headers: dict[str, str] | None
-) -> web.StreamResponse:
-    upstream = request.app[UPSTREAM]
+) -> web.Response:
     try:
-        resp = await upstream.request(method, request.path, body=body, headers=headers)
+        reply = await request.app[UPSTREAM].fetch(method, request.path, body=body, headers=headers)
+    except UpstreamError as exc:
+        return _backend_failed(method, request.path, exc)
+    return web.Response(status=reply.status, body=reply.body,
+                        headers={"Content-Type": reply.content_type or "application/json"})
+
+
+async def _stream(request: web.Request, body: bytes) -> web.StreamResponse:
+    try:
+        resp = await request.app[UPSTREAM].stream("POST", request.path, body=body, headers=JSON_HEADERS)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        log.warning("backend request %s %s failed: %s", method, request.path, exc.__class__.__name__)
-        return error_response(502, "the model backend did not answer", "backend_error")
+        return _backend_failed("POST", request.path, exc)
     async with resp:
-        content_type = resp.headers.get("Content-Type", "application/json")
-        if not content_type.startswith("text/event-stream"):
+        if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+            # llama-server refused before streaming (e.g. a prompt over the context): pass its answer on.
             try:
                 data = await resp.read()
-            except (aiohttp.ClientError, TimeoutError):
-                return error_response(502, "the model backend broke off its answer", "backend_error")
-            return web.Response(status=resp.status, body=data, headers={"Content-Type": content_type})
-        return await _stream(request, resp)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                return _backend_failed("POST", request.path, exc)
+            return web.Response(status=resp.status, body=data,
+                                headers={"Content-Type": resp.headers.get("Content-Type", "application/json")})
+        return await _pass_events(request, resp)
 
 
-async def _stream(request: web.Request, resp: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _pass_events(request: web.Request, resp: aiohttp.ClientResponse) -> web.StreamResponse:
     out = web.StreamResponse(status=resp.status, headers=_SSE_HEADERS)
     await out.prepare(request)
     while True:

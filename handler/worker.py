@@ -23,7 +23,7 @@ import aiohttp
 from handler.jobs import BackendCall, JobInputError, parse_job_input
 from lifecycle.settings import Settings
 from lifecycle.supervisor import Supervisor
-from lifecycle.upstream import Upstream
+from lifecycle.upstream import Reply, Upstream, UpstreamError
 
 log = logging.getLogger("handler")
 
@@ -120,28 +120,35 @@ class JobHandler:
             return
         upstream = await self._upstream()
         body = json.dumps(call.body).encode() if call.body is not None else None
+        headers = {"Content-Type": "application/json"} if body is not None else None
         try:
-            resp = await upstream.request(call.method, call.path, body=body,
-                                          headers={"Content-Type": "application/json"})
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("job %s: backend request failed: %s", job_id, exc.__class__.__name__)
+            if not call.stream:
+                reply = await upstream.fetch(call.method, call.path, body=body, headers=headers)
+                yield self._whole(call, reply)
+                return
+            resp = await upstream.stream(call.method, call.path, body=body, headers=headers)
+        except (UpstreamError, aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("job %s: backend request failed: %s", job_id, exc)
             yield {"error": "the model backend did not answer"}
             return
         async with resp:
             try:
-                async for item in self._outputs(call, resp):
+                async for item in self._events(call, resp):
                     yield item
             except (aiohttp.ClientError, TimeoutError) as exc:
                 log.warning("job %s: backend broke off: %s", job_id, exc.__class__.__name__)
                 yield {"error": "the model backend broke off its answer"}
 
-    async def _outputs(self, call: BackendCall, resp: aiohttp.ClientResponse) -> AsyncIterator[Any]:
+    @staticmethod
+    def _whole(call: BackendCall, reply: Reply) -> Any:
+        if reply.status >= 400:
+            return {"error": _backend_error(reply.status, reply.body)}
+        data = json.loads(reply.body)
+        return native_result(data) if call.native else data
+
+    async def _events(self, call: BackendCall, resp: aiohttp.ClientResponse) -> AsyncIterator[Any]:
         if resp.status >= 400:
             yield {"error": _backend_error(resp.status, await resp.read())}
-            return
-        if not call.stream:
-            data = json.loads(await resp.read())
-            yield native_result(data) if call.native else data
             return
         async for events in sse_batches(resp):
             if not call.native:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 import pytest
 
-from lifecycle.upstream import Upstream
+from lifecycle.upstream import Upstream, UpstreamConnectError, UpstreamDisconnected
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
 
@@ -53,10 +52,9 @@ class RawServer:
 
 
 async def _post(up: Upstream) -> int:
-    async with await up.request("POST", "/v1/chat/completions", body=b"{}",
-                                headers={"Content-Type": "application/json"}) as resp:
-        await resp.read()
-        return resp.status
+    reply = await up.fetch("POST", "/v1/chat/completions", body=b"{}", headers={"Content-Type": "application/json"})
+    assert reply.body == b'{"ok":true}' and reply.content_type == "application/json"
+    return reply.status
 
 
 def test_stale_pooled_connection_is_retried_once_on_a_fresh_one() -> None:
@@ -85,7 +83,7 @@ def test_failure_on_a_new_connection_is_never_retried() -> None:
             up = Upstream(url, "secret")
             await up.start()
             try:
-                with pytest.raises(aiohttp.ServerDisconnectedError):
+                with pytest.raises(UpstreamDisconnected):
                     await _post(up)
             finally:
                 await up.close()
@@ -94,14 +92,79 @@ def test_failure_on_a_new_connection_is_never_retried() -> None:
     asyncio.run(main())
 
 
-def test_connection_refused_raises_connector_error() -> None:
+def test_connection_refused_raises_connect_error() -> None:
     async def main() -> None:
         up = Upstream("http://127.0.0.1:9", "secret", connect_timeout=2)
         await up.start()
         try:
-            with pytest.raises(aiohttp.ClientConnectorError):
+            with pytest.raises(UpstreamConnectError):
                 await _post(up)
         finally:
             await up.close()
+
+    asyncio.run(main())
+
+
+def test_connections_are_reused_while_fresh() -> None:
+    async def main() -> None:
+        raw = RawServer(drop=lambda conn, index: False)
+        async with raw as url:
+            up = Upstream(url, "secret")
+            await up.start()
+            try:
+                for _ in range(5):
+                    assert await _post(up) == 200
+            finally:
+                await up.close()
+        assert raw.connections == 1 and raw.answered == 5
+
+    asyncio.run(main())
+
+
+def test_chunked_answers_are_read_whole() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"5\r\n{\"a\":\r\n2\r\n1}\r\n0\r\n\r\n")
+        await writer.drain()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        up = Upstream(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "k")
+        await up.start()
+        try:
+            reply = await up.fetch("GET", "/v1/models")
+            assert (reply.status, reply.body) == (200, b'{"a":1}')
+        finally:
+            await up.close()
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_cancelled_request_closes_its_connection() -> None:
+    """A client that leaves mid-request must not leave a half-read connection in the pool."""
+    closed = asyncio.Event
+
+    async def main() -> None:
+        seen_close = closed()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.read()  # never answers; returns at EOF when the client closes
+            seen_close.set()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        up = Upstream(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "k")
+        await up.start()
+        try:
+            task = asyncio.create_task(up.fetch("GET", "/slow"))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            await asyncio.wait_for(seen_close.wait(), 2)
+            assert not up._idle
+        finally:
+            await up.close()
+            server.close()
 
     asyncio.run(main())
