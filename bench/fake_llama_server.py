@@ -14,8 +14,9 @@ Every /v1/* request needs `Authorization: Bearer <key>` with a key from --api-ke
 Stdlib only (uvloop when importable). The HTTP parsing is deliberately minimal: Content-Length bodies only,
 no chunked request bodies, which is all an OpenAI client or a proxy sends for these routes.
 
-Extra, fake-only arguments: --exit-after SECONDS (stop by itself; a safety net for benchmarks) and
---stream-chunks N (content events per stream, default 8).
+Extra, fake-only arguments: --exit-after SECONDS (stop by itself; a safety net for benchmarks),
+--stream-chunks N (content events per stream, default 8) and --token-interval SECONDS (pace the stream's events
+like a model generating tokens, so a proxy handles each event on its own; default 0: all at once).
 """
 
 from __future__ import annotations
@@ -108,10 +109,12 @@ class Replies:
 class FakeLlamaProtocol(asyncio.Protocol):
     """One connection: parse requests out of the buffer as they complete, answer them in order."""
 
-    def __init__(self, replies: Replies, keys: frozenset[bytes]) -> None:
+    def __init__(self, replies: Replies, keys: frozenset[bytes], token_interval: float = 0.0) -> None:
         self.replies = replies
         self.keys = keys
+        self.token_interval = token_interval
         self.buf = b""
+        self.busy = False  # a paced stream is in flight: later requests wait in the buffer
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -119,7 +122,7 @@ class FakeLlamaProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf = self.buf + data if self.buf else data
-        while self.transport is not None and self.buf:
+        while self.transport is not None and self.buf and not self.busy:
             if not self._one():
                 return
 
@@ -203,12 +206,30 @@ class FakeLlamaProtocol(asyncio.Protocol):
         options = request.get("stream_options")
         usage = isinstance(options, dict) and options.get("include_usage") is True
         # One write per event, as a real server flushes per token; the gateway sees them as they come.
-        self.transport.write(r.stream_head)
-        for event in r.stream_events:
+        events = [r.stream_head, *r.stream_events, *([r.stream_usage] if usage else []), r.stream_done]
+        if self.token_interval > 0:
+            self._paced(events)
+            return
+        for event in events:
             self.transport.write(event)
-        if usage:
-            self.transport.write(r.stream_usage)
-        self.transport.write(r.stream_done)
+
+    def _paced(self, events: list[bytes]) -> None:
+        self.busy = True
+        loop = asyncio.get_running_loop()
+        pending = iter(events)
+
+        def step() -> None:
+            if self.transport is None:
+                return
+            event = next(pending, None)
+            if event is None:
+                self.busy = False
+                self.data_received(b"")  # answer whatever arrived meanwhile
+                return
+            self.transport.write(event)
+            loop.call_later(self.token_interval, step)
+
+        step()
 
     def _fail(self, status: int) -> None:
         assert self.transport is not None
@@ -232,6 +253,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--api-key-file", default=None)
     p.add_argument("--exit-after", type=float, default=0.0, help="stop by itself after this many seconds (0: never)")
     p.add_argument("--stream-chunks", type=int, default=8)
+    p.add_argument("--token-interval", type=float, default=0.0)
     args, _unknown = p.parse_known_args(argv)  # -c, -ngl, --parallel, -t, ... mean nothing to a fake
     return args
 
@@ -252,7 +274,8 @@ async def serve(args: argparse.Namespace) -> None:
         raise SystemExit(1)
     replies = Replies(args.alias or Path(args.model).name, args.stream_chunks)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: FakeLlamaProtocol(replies, keys), args.host, args.port, backlog=1024)
+    server = await loop.create_server(lambda: FakeLlamaProtocol(replies, keys, args.token_interval), args.host,
+                                      args.port, backlog=1024)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,6 +49,15 @@ class Child:
     name: str
     proc: subprocess.Popen[bytes]
     log: Path
+    wrapped: bool = False  # started under timeout(1)
+
+    @property
+    def pid(self) -> int:
+        """The program's own pid, not timeout(1)'s (for py-spy)."""
+        if self.wrapped:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                return int(Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()[0])
+        return self.proc.pid
 
 
 @dataclass
@@ -59,15 +69,19 @@ class Processes:
     children: list[Child] = field(default_factory=list)
 
     def start(self, name: str, cmd: Sequence[str], env: Mapping[str, str] | None = None,
-              cwd: Path | None = None) -> Child:
+              cwd: Path | None = None, limit: float | None = None) -> Child:
+        """`limit`: coreutils timeout(1) SIGTERMs the child after that many seconds, SIGKILLs it 5 s later."""
         log = self.log_dir / f"{name}.log"
+        wrapped = limit is not None and shutil.which("timeout") is not None
+        if wrapped:
+            cmd = ["timeout", "-k", "5", f"{limit:.0f}", *cmd]
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env=dict(env) if env is not None else None, cwd=cwd,
                 start_new_session=True, preexec_fn=_die_with_parent(),
             )
-        child = Child(name, proc, log)
+        child = Child(name, proc, log, wrapped)
         self.children.append(child)
         return child
 
@@ -104,6 +118,7 @@ def tail(path: Path, lines: int = 25) -> str:
 def ensure_free(*ports: int) -> None:
     for port in ports:
         with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no clash
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
@@ -131,6 +146,18 @@ def wait_ready(url: str, child: Child, timeout: float) -> None:
                 return
         time.sleep(0.1)
     raise SystemExit(f"{child.name} not ready at {url} after {timeout:.0f}s:\n{tail(child.log)}")
+
+
+def wait_port(port: int, child: Child, timeout: float) -> None:
+    """Wait until something accepts connections on 127.0.0.1:port (for servers with no unauthenticated route)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.proc.poll() is not None:
+            raise SystemExit(f"{child.name} exited with code {child.proc.returncode}:\n{tail(child.log)}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"{child.name} not listening on port {port} after {timeout:.0f}s:\n{tail(child.log)}")
 
 
 def venv_env(extra: Mapping[str, str]) -> dict[str, str]:
