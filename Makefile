@@ -41,6 +41,7 @@ test: llama-server model
 
 bench: llama-server model
 	$(PY) bench/gateway_overhead.py
+	$(PY) bench/stream_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
