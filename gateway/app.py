@@ -1,16 +1,26 @@
-"""The gateway application: middlewares, routes, and the upstream client's lifetime."""
+"""The gateway application: middlewares, routes, and the lifetime of what the app owns.
+
+Order of the middlewares (outermost first): request limits -> OpenAI-shaped errors -> CORS preflight -> auth and
+rate limits -> counters -> route. CORS and rate-limit headers are added to every response, streams included, in
+`on_response_prepare`, just before the headers go out.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
 from gateway import health, proxy
-from gateway.appkeys import BACKEND, KEYS, SETTINGS, STATS, UPSTREAM
-from gateway.auth import KeyRing, bearer_token, load_keys
+from gateway.appkeys import BACKEND, CORS, FAILURES, KEYS, LIMITER, SETTINGS, STATS, UPSTREAM
+from gateway.auth import KeyStore, bearer_token, utcnow
+from gateway.cors import Cors
 from gateway.errors import error_response
+from gateway.ratelimit import Decision, SlidingWindow
 from gateway.stats import Stats
 from lifecycle.settings import Settings
 from lifecycle.supervisor import Supervisor
@@ -19,7 +29,28 @@ from lifecycle.upstream import Upstream
 log = logging.getLogger("gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PUBLIC_PATHS = frozenset({"/ping", "/health", "/metrics"})
+MAX_REQUEST_LINE = 8192
+KEY_ID = "key_id"
+RATE = "rate_decision"
+
+
+@web.middleware
+async def limits_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request line, header and declared body limits, answered before the body is read."""
+    settings = request.app[SETTINGS]
+    if len(request.method) + len(request.raw_path) + 10 > MAX_REQUEST_LINE:
+        return error_response(414, f"the request line is longer than {MAX_REQUEST_LINE} bytes")
+    raw = request.raw_headers
+    if len(raw) > settings.max_headers:
+        return error_response(431, f"more than {settings.max_headers} request headers (MAX_HEADERS)")
+    if any(len(name) + len(value) + 2 > settings.max_header_line_size for name, value in raw):
+        return error_response(431, f"a header line is longer than {settings.max_header_line_size} bytes "
+                                   "(MAX_HEADER_LINE_SIZE)")
+    length = request.content_length
+    if length is not None and length > settings.max_request_body_size:
+        return error_response(413, f"request body is larger than {settings.max_request_body_size} bytes "
+                                   "(MAX_REQUEST_BODY_SIZE)")
+    return await handler(request)
 
 
 @web.middleware
@@ -30,28 +61,68 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        message = exc.reason
         if exc.status == 404:
             message = f"no route {request.method} {request.path}"
+        elif exc.status == 405:
+            message = f"method {request.method} is not allowed on {request.path}"
         elif exc.status == 413:
             message = f"request body is larger than {request.app[SETTINGS].max_request_body_size} bytes"
         headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-        return error_response(exc.status, message, headers=headers)
+        response = error_response(exc.status, message, headers=headers)
+        if exc.status in (408, 413):
+            response.force_close()  # the rest of the body is still on the wire: this connection is done
+        return response
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if Cors.is_preflight(request):
+        return request.app[CORS].preflight(request)
+    return await handler(request)
+
+
+def _public(request: web.Request) -> bool:
+    path = request.path
+    if path in ("/ping", "/health"):
+        return True
+    return path == "/metrics" and not request.app[SETTINGS].metrics_auth_enabled
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     settings = request.app[SETTINGS]
-    if not settings.auth_enabled or request.path in PUBLIC_PATHS or not request.path.startswith("/v1/"):
+    if not settings.auth_enabled:
+        request[KEY_ID] = "anonymous"
         return await handler(request)
-    keys = request.app[KEYS]
+    if _public(request):
+        return await handler(request)
+    failures = request.app[FAILURES]
+    client = request.remote or "unknown"
+    blocked = failures.check(client, settings.auth_failure_limit, consume=False)
+    if not blocked.allowed:
+        return error_response(429, "too many failed API keys from this address; retry later", "too_many_auth_failures",
+                              headers={"Retry-After": str(blocked.retry_after)})
+    keys = request.app[KEYS].ring
     token = bearer_token(request.headers.get("Authorization", ""))
-    if not keys:
-        return error_response(401, "authentication is enabled but no API keys are configured", "no_api_keys")
-    if not token:
-        return error_response(401, "missing API key: send Authorization: Bearer <key>", "missing_api_key")
-    if keys.match(token) is None:
+    entry = keys.match(token) if token else None
+    if entry is None or entry.expired(utcnow()):
+        failures.add(client)
+        if not keys:
+            return error_response(401, "authentication is enabled but no API keys are configured", "no_api_keys")
+        if not token:
+            return error_response(401, "missing API key: send Authorization: Bearer <key>", "missing_api_key")
+        if entry is not None:
+            log.info("expired key used: key_id=%s", entry.key_id)
+            return error_response(401, "this API key has expired", "expired_api_key")
         return error_response(401, "invalid API key", "invalid_api_key")
+    request[KEY_ID] = entry.key_id
+    limit = entry.rate_limit or settings.max_requests_per_minute
+    decision = request.app[LIMITER].check(entry.key_id, limit)
+    request[RATE] = decision
+    if not decision.allowed:
+        log.info("rate limited: key_id=%s limit=%d/min", entry.key_id, limit)
+        return error_response(429, f"rate limit of {limit} requests per minute exceeded", "rate_limit_exceeded")
     return await handler(request)
 
 
@@ -71,6 +142,19 @@ async def stats_middleware(request: web.Request, handler: Handler) -> web.Stream
         stats.end(status)
 
 
+async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    request.app[CORS].decorate(request, response)
+    decision: Decision | None = request.get(RATE)
+    if decision is not None:
+        response.headers.update(decision.headers())
+
+
+async def reload_keys(request: web.Request) -> web.Response:
+    store = request.app[KEYS]
+    await store.reload(force=True)
+    return web.json_response({"status": "reloaded", "keys": len(store.ring)})
+
+
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     backend = app[BACKEND]
     upstream = Upstream(backend.base_url, backend.api_key)
@@ -80,24 +164,65 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await upstream.close()
 
 
-def create_app(settings: Settings, backend: Supervisor, keys: KeyRing | None = None) -> web.Application:
+async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Hot reload: a file watcher (at most once a second), and SIGHUP."""
+    store = app[KEYS]
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_sighup() -> None:
+        log.info("SIGHUP: reloading the keys file")
+        task = loop.create_task(store.reload(force=True))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    tasks = [asyncio.create_task(store.watch()), asyncio.create_task(_prune(app))]
+    hup = False
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        hup = True
+    yield
+    if hup:
+        loop.remove_signal_handler(signal.SIGHUP)
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _prune(app: web.Application) -> None:
+    while True:
+        await asyncio.sleep(60)
+        app[FAILURES].prune()
+        app[LIMITER].prune()
+
+
+def create_app(settings: Settings, backend: Supervisor) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_request_body_size,
-        middlewares=[stats_middleware, errors_middleware, auth_middleware],
+        middlewares=[limits_middleware, errors_middleware, cors_middleware, auth_middleware, stats_middleware],
     )
     app[SETTINGS] = settings
     app[BACKEND] = backend
     app[STATS] = Stats()
-    if keys is None:
-        keys = load_keys(settings.keys_file) if settings.auth_enabled else KeyRing()
-    app[KEYS] = keys
-    if settings.auth_enabled and not keys:
-        log.warning(
-            "AUTH_ENABLED=true but no API keys were loaded from %s: every /v1/* request gets 401. "
-            "Add a line 'key_id:sk-...' (16+ characters) to that file, or set AUTH_ENABLED=false for local tests.",
-            settings.keys_file,
-        )
+    app[CORS] = Cors(settings.cors_origins)
+    app[LIMITER] = SlidingWindow(60.0)
+    app[FAILURES] = SlidingWindow(settings.auth_failure_window)
+    store = KeyStore(settings.keys_file)
+    app[KEYS] = store
+    if settings.auth_enabled:
+        store.load()
+        if not store.ring:
+            log.warning(
+                "AUTH_ENABLED=true but no API keys were loaded from %s: every API request gets 401. "
+                "Create one with: python -m gateway.keys generate --name my-app (or set AUTH_ENABLED=false for "
+                "local tests)",
+                settings.keys_file,
+            )
+        app.cleanup_ctx.append(_keys_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
+    app.on_response_prepare.append(_on_prepare)
     health.add_routes(app)
-    proxy.add_routes(app)
+    proxy.add_routes(app, settings.passthrough_routes)
+    app.router.add_post("/reload", reload_keys)
     return app

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.auth import KeyRing
+from gateway.auth import KeyStore
+from gateway.cors import Cors
+from gateway.ratelimit import SlidingWindow
 from gateway.stats import Stats
 from lifecycle.settings import Settings
 from lifecycle.supervisor import Supervisor
@@ -14,4 +16,7 @@ SETTINGS = web.AppKey("settings", Settings)
 BACKEND = web.AppKey("backend", Supervisor)
 UPSTREAM = web.AppKey("upstream", Upstream)
 STATS = web.AppKey("stats", Stats)
-KEYS = web.AppKey("keys", KeyRing)
+KEYS = web.AppKey("keys", KeyStore)
+CORS = web.AppKey("cors", Cors)
+LIMITER = web.AppKey("limiter", SlidingWindow)
+FAILURES = web.AppKey("auth_failures", SlidingWindow)

@@ -1,62 +1,39 @@
-"""API keys: the seed's keys file (`key_id:api_key[:rate_limit][:expiration]`) checked in constant time.
+"""API keys: who may call, checked in constant time, reloaded from the keys file without a restart.
 
-Fails closed: with AUTH_ENABLED=true and no usable key, every /v1/* request gets a 401.
+Fails closed: with AUTH_ENABLED=true and no usable key, every protected request gets a 401. Repeated failed keys
+from one client address are answered 429 for a while, so keys cannot be guessed at speed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
-log = logging.getLogger("gateway.auth")
+from gateway.keyfile import KeyEntry, digest, parse_keys
 
-MIN_KEY_LENGTH = 16
+log = logging.getLogger("gateway.auth")
 
 
 @dataclass(frozen=True)
 class KeyRing:
-    keys: tuple[tuple[str, bytes], ...] = ()  # (key_id, key)
+    entries: tuple[KeyEntry, ...] = ()
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.entries)
 
-    def match(self, presented: str) -> str | None:
-        """The key_id of `presented`, comparing against every key so timing says nothing."""
-        candidate = presented.encode()
+    def match(self, presented: str) -> KeyEntry | None:
+        """The entry for `presented`, comparing digests against every entry so timing says nothing."""
+        candidate = digest(presented)
         found = None
-        for key_id, key in self.keys:
-            if hmac.compare_digest(candidate, key) and found is None:
-                found = key_id
+        for entry in self.entries:
+            if hmac.compare_digest(candidate, entry.digest) and found is None:
+                found = entry
         return found
-
-
-def parse_keys(text: str, source: str = "keys file") -> KeyRing:
-    keys = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        key_id, sep, rest = line.partition(":")
-        key = rest.split(":", 1)[0]
-        if not sep or not key_id or len(key) < MIN_KEY_LENGTH:
-            log.warning("%s line %d skipped: expected key_id:api_key with a key of %d+ characters",
-                        source, number, MIN_KEY_LENGTH)
-            continue
-        keys.append((key_id, key.encode()))
-    return KeyRing(tuple(keys))
-
-
-def load_keys(path: Path) -> KeyRing:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return KeyRing()
-    except OSError as exc:
-        log.warning("cannot read keys file %s: %s", path, exc.strerror)
-        return KeyRing()
-    return parse_keys(text, str(path))
 
 
 def bearer_token(header: str) -> str:
@@ -65,3 +42,63 @@ def bearer_token(header: str) -> str:
     if token and scheme.lower() == "bearer":
         return token.strip()
     return header.strip()
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class KeyStore:
+    """Owns the current KeyRing. Reloads happen off the request path: file I/O runs in a worker thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.ring = KeyRing()
+        self._stamp: tuple[int, int, int] | None = None
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _read(self, force: bool) -> KeyRing | None:
+        stamp = self._stat()
+        if not force and stamp == self._stamp:
+            return None
+        self._stamp = stamp
+        if stamp is None:
+            if force or self.ring:
+                log.warning("keys file %s is missing: no API keys loaded", self.path)
+            return KeyRing()
+        try:
+            text = self.path.read_text()
+        except OSError as exc:
+            log.warning("cannot read keys file %s: %s", self.path, exc.strerror)
+            return KeyRing()
+        ring = KeyRing(tuple(parse_keys(text, str(self.path))))
+        log.info("loaded %d API key(s) from %s", len(ring), self.path)
+        return ring
+
+    def load(self) -> KeyRing:
+        """Blocking first load, before the event loop serves requests."""
+        ring = self._read(force=True)
+        self.ring = ring if ring is not None else self.ring
+        return self.ring
+
+    async def reload(self, force: bool = False) -> bool:
+        ring = await asyncio.to_thread(self._read, force)
+        if ring is None:
+            return False
+        self.ring = ring
+        return True
+
+    async def watch(self, interval: float = 1.0) -> None:
+        """Pick up a changed file by itself, checking at most once a second."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.reload()
+            except Exception:  # never let the watcher die
+                log.exception("reloading the keys file failed")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
 import aiohttp
 from aiohttp import web
 
-from gateway.appkeys import BACKEND, UPSTREAM
+from gateway.appkeys import BACKEND, SETTINGS, UPSTREAM
 from gateway.errors import error_response, sse_error_event
 from lifecycle.upstream import UpstreamError
 
@@ -42,10 +43,20 @@ def _backend_failed(method: str, path: str, exc: Exception) -> web.Response:
     return error_response(502, "the model backend did not answer", "backend_error")
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, within CLIENT_TIMEOUT: a slow or stalled client gets 408 and never holds a slot."""
+    timeout = request.app[SETTINGS].client_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(reason=f"the request body did not arrive within {timeout:g}s") from None
+
+
 async def proxy_json(request: web.Request) -> web.StreamResponse:
     if (refused := _unavailable(request)) is not None:
         return refused
-    body = await request.read()
+    body = await read_body(request)
     try:
         parsed = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -115,8 +126,21 @@ async def _pass_events(request: web.Request, resp: aiohttp.ClientResponse) -> we
     return out
 
 
-def add_routes(app: web.Application) -> None:
+async def proxy_passthrough(request: web.Request) -> web.StreamResponse:
+    """A llama-server route opened with PASSTHROUGH_ROUTES (e.g. /props, /slots, /tokenize): whole answers only."""
+    if (refused := _unavailable(request)) is not None:
+        return refused
+    body = await read_body(request) if request.can_read_body else None
+    headers = {"Content-Type": request.headers.get("Content-Type", "application/json")} if body else None
+    return await _fetch(request, request.method, body, headers)
+
+
+def add_routes(app: web.Application, passthrough: tuple[str, ...] = ()) -> None:
+    """Only these routes reach llama-server; its /slots, /props, web UI and the rest stay closed unless opened."""
     for path in JSON_ROUTES:
         app.router.add_post(path, proxy_json)
     for path in GET_ROUTES:
         app.router.add_get(path, proxy_get, allow_head=False)
+    for path in passthrough:
+        app.router.add_get(path, proxy_passthrough, allow_head=False)
+        app.router.add_post(path, proxy_passthrough)

@@ -14,6 +14,7 @@ import os
 import signal
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.app import create_app
 from gateway.health import create_health_app
@@ -26,12 +27,30 @@ from lifecycle.supervisor import BackendStartError, BackendState, Supervisor
 log = logging.getLogger("gateway.server")
 
 
-def _limits(settings: Settings) -> dict[str, int]:
+def _limits(settings: Settings) -> dict[str, float]:
+    # The exact limits (414, 431) are answered by limits_middleware with OpenAI-shaped errors; aiohttp's parser
+    # only stops what is far beyond them (with a plain 400), so nothing unbounded is ever buffered.
     return {
-        "max_line_size": 8192,
-        "max_field_size": settings.max_header_line_size,
-        "max_headers": settings.max_headers,
+        "max_line_size": 4 * 8192,
+        "max_field_size": 4 * settings.max_header_line_size,
+        "max_headers": 4 * settings.max_headers,
+        # A stalled client (idle, or stuck inside its headers) is dropped after CLIENT_TIMEOUT; after an early
+        # error answer (408, 413) the unread rest of a body is drained for at most 2 s.
+        "keepalive_timeout": settings.client_timeout,
+        "lingering_time": 2.0,
     }
+
+
+class _NoRequestContent(logging.Filter):
+    """aiohttp logs a malformed request with its raw bytes, which may hold a key: keep only what went wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], HttpProcessingError):
+            record.msg = "bad request from %s: %s"
+            record.args = (*(record.args or ("?",))[:1], record.exc_info[1].__class__.__name__)
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 async def _site(app: web.Application, host: str, port: int, settings: Settings) -> web.AppRunner:
@@ -55,6 +74,7 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
+    logging.getLogger("aiohttp.server").addFilter(_NoRequestContent())
     backend = Supervisor(settings)
     runners: list[web.AppRunner] = []
     try:

@@ -102,6 +102,11 @@ class Settings:
     auth_keys_file: Path | None = None
     max_requests_per_minute: int = 100
     cors_origins: tuple[str, ...] = ()
+    metrics_auth_enabled: bool = False
+    auth_failure_limit: int = 10
+    auth_failure_window: float = 60.0
+    passthrough_routes: tuple[str, ...] = ()
+    client_timeout: float = 30.0
 
     parallel: int = 4
     max_concurrent_requests: int = 4
@@ -181,7 +186,14 @@ class Settings:
         except ValueError as exc:
             raise SettingsError(f"EXTRA_ARGS={extra!r} cannot be split like a shell line: {exc}") from None
 
-        cors = tuple(o.strip() for o in r.str("CORS_ORIGINS").split(",") if o.strip())
+        cors = tuple(o.strip().rstrip("/") for o in r.str("CORS_ORIGINS").split(",") if o.strip())
+        routes = tuple(p.strip() for p in r.str("PASSTHROUGH_ROUTES").split(",") if p.strip())
+        for route in routes:
+            if not route.startswith("/") or route.startswith("/v1/") or "{" in route:
+                raise SettingsError(
+                    f"PASSTHROUGH_ROUTES={r.str('PASSTHROUGH_ROUTES')!r} is not allowed: use llama-server paths "
+                    "such as /props,/slots,/tokenize"
+                )
 
         mode = r.raw("MODE")
         if mode is not None and mode.lower() not in MODES:
@@ -203,6 +215,11 @@ class Settings:
             auth_keys_file=r.path("AUTH_KEYS_FILE"),
             max_requests_per_minute=r.int("MAX_REQUESTS_PER_MINUTE", 100, minimum=1),
             cors_origins=cors,
+            metrics_auth_enabled=r.bool("METRICS_AUTH_ENABLED", False),
+            auth_failure_limit=r.int("AUTH_FAILURE_LIMIT", 10, minimum=1),
+            auth_failure_window=r.float("AUTH_FAILURE_WINDOW", 60.0, minimum=1.0),
+            passthrough_routes=routes,
+            client_timeout=r.float("CLIENT_TIMEOUT", 30.0, minimum=0.1),
             parallel=parallel,
             max_concurrent_requests=r.int("MAX_CONCURRENT_REQUESTS", parallel, minimum=1),
             max_queue_size=r.int("MAX_QUEUE_SIZE", 0),

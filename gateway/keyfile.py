@@ -1,0 +1,108 @@
+"""The API keys file: one key per line, shared by the gateway (reading) and the key CLI (writing).
+
+    key_id:api_key[:rate_limit][:expiration]          plaintext, the old project's format
+    key_id:sha256:<64 hex digits>[:rate_limit][:expiration]   hashed, what `python -m gateway.keys` writes
+
+A plaintext key must be 16+ characters, so the 6-character `sha256` in the key position can never be a plaintext
+key. `rate_limit` is requests per minute (empty = MAX_REQUESTS_PER_MINUTE); `expiration` is an ISO date or
+date-time, with or without a timezone (naive means UTC; a bare date means the start of that day, UTC); it may
+contain colons. Blank lines and `#` comments are ignored. Bad lines are skipped with a warning that names the
+line number and never the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+log = logging.getLogger("gateway.keys")
+
+MIN_KEY_LENGTH = 16
+HASH_MARK = "sha256"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_KEY_ID = re.compile(r"[A-Za-z0-9_.@-]+")
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    key_id: str
+    digest: bytes  # sha256 of the key; plaintext entries are hashed on load
+    rate_limit: int | None = None
+    expires: datetime | None = None
+    hashed: bool = True
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires is not None and now >= self.expires
+
+    def line(self) -> str:
+        """The entry as the CLI writes it (always hashed)."""
+        fields = [self.key_id, HASH_MARK, self.digest.hex()]
+        if self.rate_limit is not None or self.expires is not None:
+            fields.append("" if self.rate_limit is None else str(self.rate_limit))
+        if self.expires is not None:
+            fields.append(self.expires.isoformat())
+        return ":".join(fields)
+
+
+class KeyLineError(ValueError):
+    """Why a line was skipped; never contains the key."""
+
+
+def parse_expiry(text: str) -> datetime:
+    text = text.strip()
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            return datetime(day.year, day.month, day.day, tzinfo=UTC)
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise KeyLineError("expiration is not an ISO date or date-time") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _rate(text: str) -> int | None:
+    if text == "":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise KeyLineError("rate_limit is not a positive integer")
+    return int(text)
+
+
+def parse_line(line: str) -> KeyEntry:
+    key_id, sep, rest = line.partition(":")
+    if not sep or not _KEY_ID.fullmatch(key_id):
+        raise KeyLineError("expected key_id:api_key with a key_id of letters, digits, _ . @ -")
+    if rest.startswith(HASH_MARK + ":"):
+        parts = rest[len(HASH_MARK) + 1:].split(":", 2)
+        hexdigest = parts[0]
+        if not _HEX64.fullmatch(hexdigest):
+            raise KeyLineError("a hashed entry needs 64 lowercase hex digits after sha256:")
+        key_digest, hashed = bytes.fromhex(hexdigest), True
+    else:
+        parts = rest.split(":", 2)
+        if len(parts[0]) < MIN_KEY_LENGTH:
+            raise KeyLineError(f"the key is shorter than {MIN_KEY_LENGTH} characters")
+        key_digest, hashed = digest(parts[0]), False
+    rate = _rate(parts[1].strip()) if len(parts) > 1 else None
+    expires = parse_expiry(parts[2]) if len(parts) > 2 and parts[2].strip() else None
+    return KeyEntry(key_id, key_digest, rate, expires, hashed)
+
+
+def parse_keys(text: str, source: str = "keys file") -> list[KeyEntry]:
+    entries = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            entries.append(parse_line(line))
+        except KeyLineError as exc:
+            log.warning("%s line %d skipped: %s", source, number, exc)
+    return entries

@@ -1,0 +1,70 @@
+"""Sliding-window rate limits: exact at the window edges, and a rejected request uses up nothing.
+
+Each key keeps the times of its accepted requests within the last `window` seconds (at most `limit` of them),
+so a request is allowed exactly when fewer than `limit` were accepted in the `window` seconds before it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset: float  # seconds until the window has room for `limit` again
+    retry_after: int  # whole seconds until a request would pass (0 when allowed)
+
+    def headers(self) -> dict[str, str]:
+        headers = {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(self.remaining),
+            "X-RateLimit-Reset": str(math.ceil(self.reset)),
+        }
+        if not self.allowed:
+            headers["Retry-After"] = str(self.retry_after)
+        return headers
+
+
+class SlidingWindow:
+    def __init__(self, window: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window
+        self.clock = clock
+        self._hits: dict[str, deque[float]] = {}
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        hits = self._hits.get(key)
+        if hits is None:
+            hits = self._hits[key] = deque()
+        edge = now - self.window
+        while hits and hits[0] <= edge:
+            hits.popleft()
+        return hits
+
+    def check(self, key: str, limit: int, consume: bool = True) -> Decision:
+        now = self.clock()
+        hits = self._recent(key, now)
+        if len(hits) >= limit:
+            # The request passes once the oldest of the last `limit` accepted ones leaves the window.
+            wait = hits[len(hits) - limit] + self.window - now
+            return Decision(False, limit, 0, hits[-1] + self.window - now, max(1, math.ceil(wait)))
+        if consume:
+            hits.append(now)
+        remaining = limit - len(hits)
+        reset = (hits[0] + self.window - now) if hits else 0.0
+        return Decision(True, limit, remaining, reset, 0)
+
+    def add(self, key: str) -> None:
+        self._recent(key, self.clock()).append(self.clock())
+
+    def prune(self) -> None:
+        """Forget keys with nothing in the window (bounded memory for per-address tracking)."""
+        now = self.clock()
+        for key in [k for k, hits in self._hits.items() if not self._recent(k, now)]:
+            del self._hits[key]
