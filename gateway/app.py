@@ -1,8 +1,8 @@
 """The gateway application: middlewares, routes, and the lifetime of what the app owns.
 
-Order of the middlewares (outermost first): request limits -> OpenAI-shaped errors -> CORS preflight -> auth and
-rate limits -> counters -> route. CORS and rate-limit headers are added to every response, streams included, in
-`on_response_prepare`, just before the headers go out.
+One middleware runs the steps in data-flow order: request limits -> CORS preflight -> auth and rate limits -> route,
+with aiohttp's own HTTP errors turned into OpenAI-shaped JSON and API requests counted. CORS and rate-limit headers
+are added to every response, streams included, in `on_response_prepare`, just before the headers go out.
 """
 
 from __future__ import annotations
@@ -34,10 +34,8 @@ KEY_ID = "key_id"
 RATE = "rate_decision"
 
 
-@web.middleware
-async def limits_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def check_limits(request: web.Request, settings: Settings) -> web.Response | None:
     """Request line, header and declared body limits, answered before the body is read."""
-    settings = request.app[SETTINGS]
     if len(request.method) + len(request.raw_path) + 10 > MAX_REQUEST_LINE:
         return error_response(414, f"the request line is longer than {MAX_REQUEST_LINE} bytes")
     raw = request.raw_headers
@@ -50,63 +48,50 @@ async def limits_middleware(request: web.Request, handler: Handler) -> web.Strea
     if length is not None and length > settings.max_request_body_size:
         return error_response(413, f"request body is larger than {settings.max_request_body_size} bytes "
                                    "(MAX_REQUEST_BODY_SIZE)")
-    return await handler(request)
+    return None
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn aiohttp's own HTTP errors (404, 405, 413, ...) into OpenAI-shaped JSON."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        message = exc.reason
-        if exc.status == 404:
-            message = f"no route {request.method} {request.path}"
-        elif exc.status == 405:
-            message = f"method {request.method} is not allowed on {request.path}"
-        elif exc.status == 413:
-            message = f"request body is larger than {request.app[SETTINGS].max_request_body_size} bytes"
-        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-        response = error_response(exc.status, message, headers=headers)
-        if exc.status in (408, 413):
-            response.force_close()  # the rest of the body is still on the wire: this connection is done
-        return response
+def http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own HTTP errors (404, 405, 408, 413, ...) as OpenAI-shaped JSON."""
+    message = exc.reason
+    if exc.status == 404:
+        message = f"no route {request.method} {request.path}"
+    elif exc.status == 405:
+        message = f"method {request.method} is not allowed on {request.path}"
+    elif exc.status == 413:
+        message = f"request body is larger than {request.app[SETTINGS].max_request_body_size} bytes"
+    headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+    response = error_response(exc.status, message, headers=headers)
+    if exc.status in (408, 413):
+        response.force_close()  # the rest of the body is still on the wire: this connection is done
+    return response
 
 
-@web.middleware
-async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if Cors.is_preflight(request):
-        return request.app[CORS].preflight(request)
-    return await handler(request)
-
-
-def _public(request: web.Request) -> bool:
+def _public(request: web.Request, settings: Settings) -> bool:
     path = request.path
     if path in ("/ping", "/health"):
         return True
-    return path == "/metrics" and not request.app[SETTINGS].metrics_auth_enabled
+    return path == "/metrics" and not settings.metrics_auth_enabled
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
+def authorize(request: web.Request, settings: Settings) -> web.Response | None:
+    """Who is calling (request[KEY_ID]) and whether their rate limit allows it; None means go on."""
     if not settings.auth_enabled:
         request[KEY_ID] = "anonymous"
-        return await handler(request)
-    if _public(request):
-        return await handler(request)
-    failures = request.app[FAILURES]
+        return None
+    if _public(request, settings):
+        return None
+    app = request.app
+    failures = app[FAILURES]
     client = request.remote or "unknown"
     blocked = failures.check(client, settings.auth_failure_limit, consume=False)
     if not blocked.allowed:
         return error_response(429, "too many failed API keys from this address; retry later", "too_many_auth_failures",
                               headers={"Retry-After": str(blocked.retry_after)})
-    keys = request.app[KEYS].ring
+    keys = app[KEYS].ring
     token = bearer_token(request.headers.get("Authorization", ""))
     entry = keys.match(token) if token else None
-    if entry is None or entry.expired(utcnow()):
+    if entry is None or (entry.expires is not None and entry.expired(utcnow())):
         failures.add(client)
         if not keys:
             return error_response(401, "authentication is enabled but no API keys are configured", "no_api_keys")
@@ -118,32 +103,52 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return error_response(401, "invalid API key", "invalid_api_key")
     request[KEY_ID] = entry.key_id
     limit = entry.rate_limit or settings.max_requests_per_minute
-    decision = request.app[LIMITER].check(entry.key_id, limit)
+    decision = app[LIMITER].check(entry.key_id, limit)
     request[RATE] = decision
     if not decision.allowed:
         log.info("rate limited: key_id=%s limit=%d/min", entry.key_id, limit)
         return error_response(429, f"rate limit of {limit} requests per minute exceeded", "rate_limit_exceeded")
-    return await handler(request)
+    return None
 
 
 @web.middleware
-async def stats_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count the API requests (not probes or scrapes) for /metrics and /health."""
-    if not request.path.startswith("/v1/"):
-        return await handler(request)
+async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One middleware, in data-flow order: limits -> CORS preflight -> auth and rate limit -> route, counted.
+
+    (One layer rather than five: each layer is a coroutine frame on every request of the hot path.)
+    """
+    settings = request.app[SETTINGS]
+    refused = check_limits(request, settings)
+    if refused is None and Cors.is_preflight(request):
+        refused = request.app[CORS].preflight(request)
+    if refused is None:
+        refused = authorize(request, settings)
+    counted = request.path.startswith("/v1/")
     stats = request.app[STATS]
-    stats.begin()
+    if counted:
+        stats.begin()
     status = 500
     try:
-        response = await handler(request)
+        if refused is not None:
+            response: web.StreamResponse = refused
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                response = http_error(request, exc)
         status = response.status
         return response
     finally:
-        stats.end(status)
+        if counted:
+            stats.end(status)
 
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    request.app[CORS].decorate(request, response)
+    cors = request.app[CORS]
+    if cors.enabled:
+        cors.decorate(request, response)
     decision: Decision | None = request.get(RATE)
     if decision is not None:
         response.headers.update(decision.headers())
@@ -200,7 +205,7 @@ async def _prune(app: web.Application) -> None:
 def create_app(settings: Settings, backend: Supervisor) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_request_body_size,
-        middlewares=[limits_middleware, errors_middleware, cors_middleware, auth_middleware, stats_middleware],
+        middlewares=[gate_middleware],
     )
     app[SETTINGS] = settings
     app[BACKEND] = backend

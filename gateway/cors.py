@@ -48,13 +48,11 @@ class Cors:
         return web.Response(status=204, headers=headers)
 
     def decorate(self, request: web.Request, response: web.StreamResponse) -> None:
-        if self.is_preflight(request):
-            return
-        for name in [h for h in response.headers if h.lower().startswith("access-control-")]:
-            del response.headers[name]
+        """Add CORS headers to an answer for an allowed origin. Answers are built by the gateway itself and never
+        copy llama-server's headers, so there is nothing of the backend's to strip."""
         origin = request.headers.get("Origin")
-        if self.allowed(origin):
-            assert origin is not None
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Access-Control-Expose-Headers"] = EXPOSE
-            response.headers["Vary"] = "Origin"
+        if origin is None or not self.allowed(origin) or self.is_preflight(request):
+            return
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = EXPOSE
+        response.headers["Vary"] = "Origin"

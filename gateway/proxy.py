@@ -45,6 +45,8 @@ def _backend_failed(method: str, path: str, exc: Exception) -> web.Response:
 
 async def read_body(request: web.Request) -> bytes:
     """The whole body, within CLIENT_TIMEOUT: a slow or stalled client gets 408 and never holds a slot."""
+    if request.content.is_eof():  # the usual case: the whole body came with the headers
+        return await request.read()
     timeout = request.app[SETTINGS].client_timeout
     try:
         async with asyncio.timeout(timeout):

@@ -32,6 +32,9 @@ class Decision:
         return headers
 
 
+_FREE = Decision(True, 0, 0, 0.0, 0)
+
+
 class SlidingWindow:
     def __init__(self, window: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.window = window
@@ -48,6 +51,8 @@ class SlidingWindow:
         return hits
 
     def check(self, key: str, limit: int, consume: bool = True) -> Decision:
+        if not consume and key not in self._hits:
+            return _FREE
         now = self.clock()
         hits = self._recent(key, now)
         if len(hits) >= limit:
