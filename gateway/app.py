@@ -16,12 +16,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from gateway import health, proxy
-from gateway.appkeys import BACKEND, CORS, FAILURES, KEYS, LIMITER, SETTINGS, STATS, UPSTREAM
+from gateway.admission import Admission
+from gateway.appkeys import ADMISSION, BACKEND, CORS, DRAIN, FAILURES, KEYS, LIMITER, SETTINGS, STATS, UPSTREAM
 from gateway.auth import KeyStore, bearer_token, utcnow
 from gateway.cors import Cors
 from gateway.errors import error_response
 from gateway.ratelimit import Decision, SlidingWindow
-from gateway.stats import Stats
+from gateway.stats import Drain, Stats
 from lifecycle.settings import Settings
 from lifecycle.supervisor import Supervisor
 from lifecycle.upstream import Upstream
@@ -31,6 +32,7 @@ log = logging.getLogger("gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_REQUEST_LINE = 8192
 KEY_ID = "key_id"
+PROBES = frozenset({"/ping", "/health", "/metrics"})
 RATE = "rate_decision"
 
 
@@ -119,6 +121,9 @@ async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """
     settings = request.app[SETTINGS]
     refused = check_limits(request, settings)
+    if refused is None and request.app[DRAIN].draining and request.path not in PROBES:
+        refused = error_response(503, "the server is shutting down; retry on another instance", "shutting_down",
+                                 headers={"Retry-After": "1", "Connection": "close"})
     if refused is None and Cors.is_preflight(request):
         refused = request.app[CORS].preflight(request)
     if refused is None:
@@ -161,8 +166,9 @@ async def reload_keys(request: web.Request) -> web.Response:
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    backend = app[BACKEND]
-    upstream = Upstream(backend.base_url, backend.api_key)
+    backend, settings = app[BACKEND], app[SETTINGS]
+    upstream = Upstream(backend.base_url, backend.api_key, connect_timeout=settings.connect_timeout,
+                        stream_idle_timeout=settings.stream_idle_timeout)
     await upstream.start()
     app[UPSTREAM] = upstream
     yield
@@ -202,7 +208,7 @@ async def _prune(app: web.Application) -> None:
         app[LIMITER].prune()
 
 
-def create_app(settings: Settings, backend: Supervisor) -> web.Application:
+def create_app(settings: Settings, backend: Supervisor, drain: Drain | None = None) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_request_body_size,
         middlewares=[gate_middleware],
@@ -210,6 +216,8 @@ def create_app(settings: Settings, backend: Supervisor) -> web.Application:
     app[SETTINGS] = settings
     app[BACKEND] = backend
     app[STATS] = Stats()
+    app[DRAIN] = drain or Drain()
+    app[ADMISSION] = Admission(settings.max_concurrent_requests, settings.max_queue_size, settings.queue_timeout)
     app[CORS] = Cors(settings.cors_origins)
     app[LIMITER] = SlidingWindow(60.0)
     app[FAILURES] = SlidingWindow(settings.auth_failure_window)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.admission import Admission
 from gateway.auth import KeyStore
 from gateway.cors import Cors
 from gateway.ratelimit import SlidingWindow
-from gateway.stats import Stats
+from gateway.stats import Drain, Stats
 from lifecycle.settings import Settings
 from lifecycle.supervisor import Supervisor
 from lifecycle.upstream import Upstream
@@ -20,3 +21,5 @@ KEYS = web.AppKey("keys", KeyStore)
 CORS = web.AppKey("cors", Cors)
 LIMITER = web.AppKey("limiter", SlidingWindow)
 FAILURES = web.AppKey("auth_failures", SlidingWindow)
+ADMISSION = web.AppKey("admission", Admission)
+DRAIN = web.AppKey("drain", Drain)

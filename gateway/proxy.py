@@ -9,7 +9,8 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from gateway.appkeys import BACKEND, SETTINGS, UPSTREAM
+from gateway.admission import QueueFull, QueueTimeout
+from gateway.appkeys import ADMISSION, BACKEND, SETTINGS, STATS, UPSTREAM
 from gateway.errors import error_response, sse_error_event
 from lifecycle.upstream import UpstreamError
 
@@ -65,9 +66,24 @@ async def proxy_json(request: web.Request) -> web.StreamResponse:
         return error_response(400, "the request body is not valid JSON", "invalid_json")
     if not isinstance(parsed, dict):
         return error_response(400, "the request body must be a JSON object", "invalid_json")
-    if parsed.get("stream") is True:
-        return await _stream(request, body)
-    return await _fetch(request, "POST", body, JSON_HEADERS)
+    # Only now, with the whole body in hand, does the request wait for a backend slot.
+    admission = request.app[ADMISSION]
+    retry_after = {"Retry-After": str(max(1, round(request.app[SETTINGS].queue_timeout / 4)))}
+    try:
+        await admission.acquire()
+    except QueueFull:
+        request.app[STATS].queue_rejections += 1
+        return error_response(503, "the request queue is full; retry shortly", "queue_full", headers=retry_after)
+    except QueueTimeout:
+        request.app[STATS].queue_rejections += 1
+        return error_response(503, "no backend slot became free in time; retry shortly", "queue_timeout",
+                              headers=retry_after)
+    try:
+        if parsed.get("stream") is True:
+            return await _stream(request, body)
+        return await _fetch(request, "POST", body, JSON_HEADERS)
+    finally:
+        admission.release()
 
 
 async def proxy_get(request: web.Request) -> web.StreamResponse:
@@ -79,10 +95,15 @@ async def proxy_get(request: web.Request) -> web.StreamResponse:
 async def _fetch(
     request: web.Request, method: str, body: bytes | None, headers: dict[str, str] | None
 ) -> web.Response:
+    timeout = request.app[SETTINGS].request_timeout
     try:
-        reply = await request.app[UPSTREAM].fetch(method, request.path, body=body, headers=headers)
+        async with asyncio.timeout(timeout):
+            reply = await request.app[UPSTREAM].fetch(method, request.path, body=body, headers=headers)
     except UpstreamError as exc:
         return _backend_failed(method, request.path, exc)
+    except TimeoutError:
+        log.warning("backend request %s %s timed out after %gs", method, request.path, timeout)
+        return error_response(504, f"the model backend did not answer within {timeout:g}s (REQUEST_TIMEOUT)")
     return web.Response(status=reply.status, body=reply.body,
                         headers={"Content-Type": reply.content_type or "application/json"})
 
@@ -111,8 +132,12 @@ async def _pass_events(request: web.Request, resp: aiohttp.ClientResponse) -> we
         try:
             chunk = await resp.content.readany()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("backend stream broke off: %s", exc.__class__.__name__)
-            chunk, failed = sse_error_event("the model backend broke off the stream"), True
+            # The status line is long gone: the failure is reported inside the stream.
+            timed_out = isinstance(exc, TimeoutError)
+            log.warning("backend stream %s: %s", "went idle" if timed_out else "broke off", exc.__class__.__name__)
+            message = ("the model backend sent nothing for too long (STREAM_IDLE_TIMEOUT)" if timed_out
+                       else "the model backend broke off the stream")
+            chunk, failed = sse_error_event(message, "backend_timeout" if timed_out else "backend_error"), True
         else:
             failed = False
         if not chunk:

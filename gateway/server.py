@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -17,12 +18,14 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.app import create_app
+from gateway.appkeys import STATS
 from gateway.health import create_health_app
+from gateway.stats import Drain
 from lifecycle.fetch import ProvisionError
 from lifecycle.llama_server import ensure_llama_server, server_version
 from lifecycle.model import resolve_model
 from lifecycle.settings import Settings
-from lifecycle.supervisor import BackendStartError, BackendState, Supervisor
+from lifecycle.supervisor import BackendStartError, Supervisor
 
 log = logging.getLogger("gateway.server")
 
@@ -54,10 +57,25 @@ class _NoRequestContent(logging.Filter):
 
 
 async def _site(app: web.Application, host: str, port: int, settings: Settings) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None, **_limits(settings))
+    # handler_cancellation: a client that disconnects cancels its handler at once, so it leaves the queue, or
+    # its upstream request is closed and llama-server stops generating for nobody.
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0,
+                           **_limits(settings))
     await runner.setup()
     await web.TCPSite(runner, host, port, backlog=1024).start()
     return runner
+
+
+async def _drain(app: web.Application, timeout: float) -> None:
+    """Let in-flight API requests finish, up to DRAIN_TIMEOUT; new ones already get 503."""
+    stats = app[STATS]
+    deadline = asyncio.get_running_loop().time() + timeout
+    if stats.requests_active:
+        log.info("draining %d in-flight request(s), up to %gs", stats.requests_active, timeout)
+    while stats.requests_active and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    if stats.requests_active:
+        log.warning("DRAIN_TIMEOUT: %d request(s) still running are cut off", stats.requests_active)
 
 
 async def serve(settings: Settings) -> int:
@@ -76,10 +94,12 @@ async def serve(settings: Settings) -> int:
 
     logging.getLogger("aiohttp.server").addFilter(_NoRequestContent())
     backend = Supervisor(settings)
+    drain = Drain()
+    app = create_app(settings, backend, drain)
     runners: list[web.AppRunner] = []
     try:
-        for app, port in ((create_health_app(), settings.port_health), (create_app(settings, backend), settings.port)):
-            runners.append(await _site(app, settings.host, port, settings))
+        for one, port in ((create_health_app(drain), settings.port_health), (app, settings.port)):
+            runners.append(await _site(one, settings.host, port, settings))
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, port, exc.strerror or exc)
         for runner in runners:
@@ -93,18 +113,24 @@ async def serve(settings: Settings) -> int:
         await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not start.done():
             start.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await start
         else:
             start.result()
-            # Until restarts land (resilience issue), a dead backend ends the process so the platform replaces it.
-            while not stop.is_set() and backend.state is BackendState.READY:
-                await asyncio.wait({stopped}, timeout=0.5)
-            if backend.state is BackendState.DOWN:
-                log.error("the backend is down: exiting so the platform can restart the container")
+            gave_up = asyncio.create_task(backend.gave_up.wait())
+            await asyncio.wait({stopped, gave_up}, return_when=asyncio.FIRST_COMPLETED)
+            gave_up.cancel()
+            if backend.gave_up.is_set() and not stop.is_set():
+                log.error("the backend is in a crash loop (BACKEND_CRASH_LOOP=exit): exiting so the platform "
+                          "replaces this instance")
                 code = 1
+        drain.draining = True
+        await _drain(app, settings.drain_timeout)
     except (ProvisionError, BackendStartError) as exc:
         log.error("%s", exc)
         code = 1
     finally:
+        drain.draining = True
         for runner in reversed(runners):
             await runner.cleanup()
         await backend.stop()

@@ -60,7 +60,7 @@ def main() -> int:
             })
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        return 0
+        return 1 if backend.failed else 0
     finally:
         backend.stop()
         listener.stop()

@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ class BackgroundBackend:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="llama-server-lifecycle", daemon=True)
         self._started = time.monotonic()
+        self.failed = False
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -52,8 +54,16 @@ class BackgroundBackend:
         log.info("llama-server %s (%s)", binary, server_version(binary))
         model: Path = resolve_model(self.settings)
         self._call(self.supervisor.start(binary, model))
+        asyncio.run_coroutine_threadsafe(self._exit_on_crash_loop(), self._loop)
         age = process_age()
         return age if age is not None else time.monotonic() - self._started
+
+    async def _exit_on_crash_loop(self) -> None:
+        """BACKEND_CRASH_LOOP=exit: stop the worker (the SDK drains on SIGTERM) so the platform replaces it."""
+        await self.supervisor.gave_up.wait()
+        self.failed = True
+        log.error("the backend is in a crash loop (BACKEND_CRASH_LOOP=exit): stopping this worker")
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def _call(self, coro, timeout: float | None = None):  # type: ignore[no-untyped-def]
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)

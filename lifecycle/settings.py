@@ -132,6 +132,16 @@ class Settings:
 
     stop_timeout: float = 10.0
     backend_wait: float = 120.0
+    restart_limit: int = 5
+    restart_window: float = 300.0
+    restart_base_delay: float = 1.0
+    restart_max_delay: float = 60.0
+    crash_loop: str = "exit"
+    queue_timeout: float = 60.0
+    request_timeout: float = 600.0
+    stream_idle_timeout: float = 120.0
+    connect_timeout: float = 5.0
+    drain_timeout: float = 30.0
     deprecations: tuple[str, ...] = ()
 
     @property
@@ -199,6 +209,9 @@ class Settings:
         if mode is not None and mode.lower() not in MODES:
             raise SettingsError(f"MODE={mode!r} is not allowed: use {' or '.join(MODES)}")
 
+        crash_loop = r.str("BACKEND_CRASH_LOOP", "exit").lower()
+        if crash_loop not in ("exit", "retry"):
+            raise SettingsError(f"BACKEND_CRASH_LOOP={crash_loop!r} is not allowed: use exit or retry")
         parallel = r.int("PARALLEL", 4, minimum=1)
         model_name = r.raw("MODEL_NAME")
         if model_name is not None and ("/" in model_name or model_name in (".", "..")):
@@ -240,6 +253,16 @@ class Settings:
             mode=mode.lower() if mode else None,
             stop_timeout=r.float("BACKEND_STOP_TIMEOUT", 10.0),
             backend_wait=r.float("BACKEND_WAIT_TIMEOUT", 120.0),
+            restart_limit=r.int("BACKEND_RESTART_LIMIT", 5, minimum=1),
+            restart_window=r.float("BACKEND_RESTART_WINDOW", 300.0, minimum=1.0),
+            restart_base_delay=r.float("BACKEND_RESTART_DELAY", 1.0),
+            restart_max_delay=r.float("BACKEND_RESTART_MAX_DELAY", 60.0),
+            crash_loop=crash_loop,
+            queue_timeout=r.float("QUEUE_TIMEOUT", 60.0, minimum=0.001),
+            request_timeout=r.float("REQUEST_TIMEOUT", 600.0, minimum=0.001),
+            stream_idle_timeout=r.float("STREAM_IDLE_TIMEOUT", 120.0, minimum=0.001),
+            connect_timeout=r.float("UPSTREAM_CONNECT_TIMEOUT", 5.0, minimum=0.001),
+            drain_timeout=r.float("DRAIN_TIMEOUT", 30.0),
             deprecations=tuple(deprecations),
         )
         ports = {"PORT": settings.port, "PORT_HEALTH": settings.port_health, "PORT_BACKEND": settings.port_backend}

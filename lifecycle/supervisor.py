@@ -106,11 +106,22 @@ def backend_command(settings: Settings, binary: Path, model: Path, key_file: Pat
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, *, poll_interval: float = 0.25) -> None:
+    """Owns llama-server: start, readiness, restarts with backoff, crash-loop detection, stop.
+
+    States: stopped -> loading -> ready; ready -> restarting (it crashed) -> ready; restarting -> down (crash
+    loop: BACKEND_RESTART_LIMIT crashes within BACKEND_RESTART_WINDOW); any -> stopping -> stopped.
+    With BACKEND_CRASH_LOOP=exit, `gave_up` is set when it goes down, for the entry point to exit non-zero and let
+    the platform replace the container; with `retry` it keeps trying every BACKEND_RESTART_MAX_DELAY seconds.
+    """
+
+    def __init__(
+        self, settings: Settings, *, poll_interval: float = 0.25, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.settings = settings
         self.binary: Path | None = None
         self.model: Path | None = None
         self.poll_interval = poll_interval
+        self.clock = clock
         self.state = BackendState.STOPPED
         self.api_key = secrets.token_urlsafe(32)
         self.base_url = f"http://127.0.0.1:{settings.port_backend}"
@@ -118,13 +129,18 @@ class Supervisor:
         self.started_at: float | None = None
         self.ready_at: float | None = None
         self.last_error: str | None = None
+        self.last_log_lines: list[str] = []
+        self.restarts = 0
+        self.gave_up = asyncio.Event()
+        self._crashes: deque[float] = deque()
         self._proc: asyncio.subprocess.Process | None = None
         self._secret_dir: Path | None = None
+        self._key_file: Path | None = None
         self._watch_task: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self._proc.pid if self._proc and self._proc.returncode is None else None
 
     @property
     def model_id(self) -> str | None:
@@ -133,6 +149,10 @@ class Supervisor:
     @property
     def ready(self) -> bool:
         return self.state is BackendState.READY
+
+    @property
+    def up(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
 
     def _write_key_file(self) -> Path:
         self._secret_dir = Path(tempfile.mkdtemp(prefix="llama-gguf-backend-"))
@@ -143,16 +163,28 @@ class Supervisor:
         return key_file
 
     async def start(self, binary: Path, model: Path) -> None:
-        """Spawn llama-server and return once it answers /health with 200."""
+        """Spawn llama-server and return once it answers /health with 200; then watch it."""
         assert self._proc is None, "already started"
         self.binary, self.model = binary, model
         self.settings.log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = server_log_path(self.settings.log_dir)
-        key_file = self._write_key_file()
-        cmd = backend_command(self.settings, binary, model, key_file)
-        log.info("starting llama-server on 127.0.0.1:%d; log: %s", self.settings.port_backend, self.log_path)
+        self._key_file = self._write_key_file()
         self.state = BackendState.LOADING
         self.started_at = time.monotonic()
+        try:
+            await self._spawn_and_wait()
+        except BaseException:
+            await self.stop()
+            raise
+        self.state = BackendState.READY
+        self.ready_at = time.monotonic()
+        log.info("llama-server ready in %.1fs (pid %s)", self.ready_at - self.started_at, self.pid)
+        self._watch_task = asyncio.create_task(self._watch(), name="llama-server-watch")
+
+    async def _spawn_and_wait(self) -> None:
+        assert self.binary is not None and self.model is not None and self._key_file is not None
+        self.log_path = server_log_path(self.settings.log_dir)
+        cmd = backend_command(self.settings, self.binary, self.model, self._key_file)
+        log.info("starting llama-server on 127.0.0.1:%d; log: %s", self.settings.port_backend, self.log_path)
         with self.log_path.open("ab") as out:
             self._proc = await asyncio.create_subprocess_exec(
                 *cmd,
@@ -162,15 +194,7 @@ class Supervisor:
                 start_new_session=True,
                 preexec_fn=_child_setup(),
             )
-        try:
-            await self._wait_ready()
-        except BaseException:
-            await self.stop()
-            raise
-        self.state = BackendState.READY
-        self.ready_at = time.monotonic()
-        log.info("llama-server ready in %.1fs (pid %d)", self.ready_at - self.started_at, self._proc.pid)
-        self._watch_task = asyncio.create_task(self._watch(), name="llama-server-watch")
+        await self._wait_ready()
 
     async def _wait_ready(self) -> None:
         assert self._proc is not None
@@ -187,28 +211,66 @@ class Supervisor:
         finally:
             if not exited.done():
                 exited.cancel()
-        lines = await asyncio.to_thread(tail_lines, self.log_path) if self.log_path else []
-        self.last_error = f"llama-server exited with code {self._proc.returncode} while loading"
-        self.state = BackendState.DOWN
+        await self._record_exit(f"llama-server exited with code {self._proc.returncode} while loading")
         raise BackendStartError(
-            f"{self.last_error}; log {self.log_path}, last lines:\n" + "\n".join(f"  {line}" for line in lines)
+            f"{self.last_error}; log {self.log_path}, last lines:\n"
+            + "\n".join(f"  {line}" for line in self.last_log_lines)
         )
 
+    async def _record_exit(self, message: str) -> None:
+        self.last_error = message
+        self.last_log_lines = await asyncio.to_thread(tail_lines, self.log_path) if self.log_path else []
+
+    def _backoff(self) -> float:
+        """Exponential in the crashes still inside the window: 1 s, 2 s, 4 s, ... up to the maximum."""
+        recent = len(self._crashes)
+        return min(self.settings.restart_max_delay, self.settings.restart_base_delay * 2 ** max(0, recent - 1))
+
     async def _watch(self) -> None:
-        assert self._proc is not None
-        code = await self._proc.wait()
-        if self.state in (BackendState.STOPPING, BackendState.STOPPED):
-            return
-        lines = await asyncio.to_thread(tail_lines, self.log_path) if self.log_path else []
-        self.last_error = f"llama-server exited unexpectedly with code {code}"
-        self.state = BackendState.DOWN
-        log.error("%s; last lines:\n%s", self.last_error, "\n".join(lines[-10:]))
+        """Restart llama-server whenever it dies on its own, until a crash loop says stop."""
+        while True:
+            assert self._proc is not None
+            code = await self._proc.wait()
+            if self.state in (BackendState.STOPPING, BackendState.STOPPED):
+                return
+            await self._record_exit(f"llama-server exited unexpectedly with code {code}")
+            now = self.clock()
+            self._crashes.append(now)
+            while self._crashes and self._crashes[0] <= now - self.settings.restart_window:
+                self._crashes.popleft()
+            log.error("%s; last lines:\n%s", self.last_error, "\n".join(self.last_log_lines[-10:]))
+            if len(self._crashes) >= self.settings.restart_limit:
+                self.state = BackendState.DOWN
+                log.error("crash loop: %d crashes within %.0fs; the backend is down",
+                          len(self._crashes), self.settings.restart_window)
+                if self.settings.crash_loop == "exit":
+                    self.gave_up.set()
+                    return
+                delay = self.settings.restart_max_delay
+            else:
+                self.state = BackendState.RESTARTING
+                delay = self._backoff()
+            log.info("restarting llama-server in %.1fs", delay)
+            await asyncio.sleep(delay)
+            try:
+                await self._spawn_and_wait()
+            except BackendStartError as exc:
+                log.error("%s", exc)
+                continue  # its exit is counted as a crash on the next turn
+            self.restarts += 1
+            self.state = BackendState.READY
+            log.info("llama-server restarted (restart %d, pid %s)", self.restarts, self.pid)
 
     async def stop(self) -> None:
         """SIGTERM the child's process group, SIGKILL after stop_timeout, reap; idempotent."""
+        self.state = BackendState.STOPPING
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+            self._watch_task = None
         proc = self._proc
         if proc is not None and proc.returncode is None:
-            self.state = BackendState.STOPPING
             self._signal(proc.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), self.settings.stop_timeout)
@@ -216,11 +278,6 @@ class Supervisor:
                 log.warning("llama-server ignored SIGTERM for %.0fs; killing it", self.settings.stop_timeout)
                 self._signal(proc.pid, signal.SIGKILL)
                 await proc.wait()
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
-            self._watch_task = None
         if self._secret_dir is not None:
             shutil.rmtree(self._secret_dir, ignore_errors=True)
             self._secret_dir = None

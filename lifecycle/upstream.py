@@ -119,12 +119,15 @@ class _Connection(asyncio.Protocol):
 
 
 class Upstream:
-    def __init__(self, base_url: str, api_key: str, *, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self, base_url: str, api_key: str, *, connect_timeout: float = 10.0, stream_idle_timeout: float | None = None
+    ) -> None:
         url = urlsplit(base_url)
         self.base_url = base_url.rstrip("/")
         self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
         self.auth = f"Bearer {api_key}"
         self.connect_timeout = connect_timeout
+        self.stream_idle_timeout = stream_idle_timeout
         self._prefix = f"Host: {self.host}:{self.port}\r\nAuthorization: {self.auth}\r\n"
         self._idle: list[_Connection] = []
         self._session: aiohttp.ClientSession | None = None
@@ -132,7 +135,9 @@ class Upstream:
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=True),
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout),
+            # sock_read: the longest silence allowed between two pieces of a stream.
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout,
+                                          sock_read=self.stream_idle_timeout),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )

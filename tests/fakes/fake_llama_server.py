@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A stand-in llama-server for supervisor fault tests (slow start, crash while loading, ignores SIGTERM).
 
-FAKE_MODE: ready (default) | never_ready | exit_loading | ignore_sigterm. Takes llama-server's arguments.
+FAKE_MODE: ready (default) | never_ready | exit_loading | ignore_sigterm | crash_after_ready (exits with code 9
+FAKE_CRASH_AFTER seconds after start). Takes llama-server's arguments.
 """
 
 import os
@@ -22,6 +23,10 @@ if mode == "exit_loading":
     print("loading model ...", flush=True)
     print("error: failed to load model: not a GGUF file", flush=True)
     sys.exit(3)
+if mode == "crash_after_ready":
+    import threading
+
+    threading.Timer(float(os.environ.get("FAKE_CRASH_AFTER", "0.5")), lambda: os._exit(9)).start()
 if mode == "ignore_sigterm":
     signal.signal(signal.SIGTERM, lambda *_: print("ignoring SIGTERM", flush=True))
 
