@@ -12,7 +12,7 @@ from aiohttp import web
 from gateway.admission import QueueFull, QueueTimeout
 from gateway.appkeys import ADMISSION, BACKEND, SETTINGS, STATS, UPSTREAM
 from gateway.errors import error_response, sse_error_event
-from lifecycle.upstream import UpstreamError
+from lifecycle.upstream import UpstreamConnectError, UpstreamError
 
 log = logging.getLogger("gateway.proxy")
 
@@ -41,6 +41,10 @@ def _unavailable(request: web.Request) -> web.Response | None:
 
 def _backend_failed(method: str, path: str, exc: Exception) -> web.Response:
     log.warning("backend request %s %s failed: %s", method, path, exc)
+    if isinstance(exc, UpstreamConnectError | aiohttp.ClientConnectorError):
+        # Nothing was sent: the backend is not accepting connections (it is restarting). Safe to retry.
+        return error_response(503, "the model backend is restarting; retry shortly", "backend_unavailable",
+                              headers={"Retry-After": RETRY_AFTER_LOADING})
     return error_response(502, "the model backend did not answer", "backend_error")
 
 
@@ -128,16 +132,20 @@ async def _stream(request: web.Request, body: bytes) -> web.StreamResponse:
 async def _pass_events(request: web.Request, resp: aiohttp.ClientResponse) -> web.StreamResponse:
     out = web.StreamResponse(status=resp.status, headers=_SSE_HEADERS)
     await out.prepare(request)
+    chunk = b"\n\n"
     while True:
+        last = chunk
         try:
             chunk = await resp.content.readany()
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The status line is long gone: the failure is reported inside the stream.
-            timed_out = isinstance(exc, TimeoutError)
-            log.warning("backend stream %s: %s", "went idle" if timed_out else "broke off", exc.__class__.__name__)
+            timed_out = isinstance(exc, TimeoutError) or isinstance(exc.__cause__, TimeoutError)
+            log.warning("backend stream %s: %r", "went idle" if timed_out else "broke off", exc)
             message = ("the model backend sent nothing for too long (STREAM_IDLE_TIMEOUT)" if timed_out
                        else "the model backend broke off the stream")
             chunk, failed = sse_error_event(message, "backend_timeout" if timed_out else "backend_error"), True
+            if not last.endswith(b"\n\n"):
+                chunk = b"\n\n" + chunk  # end the backend's half-sent event first
         else:
             failed = False
         if not chunk:

@@ -2,7 +2,8 @@
 """A stand-in llama-server for supervisor fault tests (slow start, crash while loading, ignores SIGTERM).
 
 FAKE_MODE: ready (default) | never_ready | exit_loading | ignore_sigterm | crash_after_ready (exits with code 9
-FAKE_CRASH_AFTER seconds after start). Takes llama-server's arguments.
+FAKE_CRASH_AFTER seconds after start) | stall_stream (POSTs answer one SSE event, then stall FAKE_STALL seconds).
+Takes llama-server's arguments.
 """
 
 import os
@@ -32,6 +33,24 @@ if mode == "ignore_sigterm":
 
 
 class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def chunk(data: bytes) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+        chunk(b'data: {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n')
+        time.sleep(float(os.environ.get("FAKE_STALL", "5")))
+        chunk(b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+
     def do_GET(self) -> None:
         ok = mode != "never_ready" and self.path == "/health"
         body = b'{"status":"ok"}' if ok else b'{"error":{"message":"Loading model","code":503}}'
