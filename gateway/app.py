@@ -11,17 +11,43 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from gateway import health, proxy
+from gateway.accesslog import AccessLog, AccessRecord
 from gateway.admission import Admission
-from gateway.appkeys import ADMISSION, BACKEND, CORS, DRAIN, FAILURES, KEYS, LIMITER, SETTINGS, STATS, UPSTREAM
+from gateway.appkeys import (
+    ACCESS_LOG,
+    ADMISSION,
+    BACKEND,
+    CORS,
+    DRAIN,
+    FAILURES,
+    KEY_ID,
+    KEYS,
+    LIMITER,
+    METRICS,
+    RATE,
+    REJECTED,
+    REQUEST_ID,
+    SETTINGS,
+    STARTED,
+    STATS,
+    TTFT,
+    UPSTREAM,
+    USAGE,
+)
 from gateway.auth import KeyStore, bearer_token, utcnow
 from gateway.cors import Cors
 from gateway.errors import error_response
+from gateway.metrics import Metrics
 from gateway.ratelimit import Decision, SlidingWindow
+from gateway.requestid import HEADER as REQUEST_ID_HEADER
+from gateway.requestid import request_id
 from gateway.stats import Drain, Stats
 from lifecycle.settings import Settings
 from lifecycle.supervisor import Supervisor
@@ -31,13 +57,19 @@ log = logging.getLogger("gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_REQUEST_LINE = 8192
-KEY_ID = "key_id"
 PROBES = frozenset({"/ping", "/health", "/metrics"})
-RATE = "rate_decision"
+SENT_STATUS = "sent_status"
 
 
 def check_limits(request: web.Request, settings: Settings) -> web.Response | None:
     """Request line, header and declared body limits, answered before the body is read."""
+    refused = _limits(request, settings)
+    if refused is not None:
+        request[REJECTED] = "size"
+    return refused
+
+
+def _limits(request: web.Request, settings: Settings) -> web.Response | None:
     if len(request.method) + len(request.raw_path) + 10 > MAX_REQUEST_LINE:
         return error_response(414, f"the request line is longer than {MAX_REQUEST_LINE} bytes")
     raw = request.raw_headers
@@ -62,6 +94,7 @@ def http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
         message = f"method {request.method} is not allowed on {request.path}"
     elif exc.status == 413:
         message = f"request body is larger than {request.app[SETTINGS].max_request_body_size} bytes"
+        request[REJECTED] = "size"
     headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
     response = error_response(exc.status, message, headers=headers)
     if exc.status in (408, 413):
@@ -88,6 +121,7 @@ def authorize(request: web.Request, settings: Settings) -> web.Response | None:
     client = request.remote or "unknown"
     blocked = failures.check(client, settings.auth_failure_limit, consume=False)
     if not blocked.allowed:
+        request[REJECTED] = "auth"
         return error_response(429, "too many failed API keys from this address; retry later", "too_many_auth_failures",
                               headers={"Retry-After": str(blocked.retry_after)})
     keys = app[KEYS].ring
@@ -95,12 +129,13 @@ def authorize(request: web.Request, settings: Settings) -> web.Response | None:
     entry = keys.match(token) if token else None
     if entry is None or (entry.expires is not None and entry.expired(utcnow())):
         failures.add(client)
+        request[REJECTED] = "auth"
         if not keys:
             return error_response(401, "authentication is enabled but no API keys are configured", "no_api_keys")
         if not token:
             return error_response(401, "missing API key: send Authorization: Bearer <key>", "missing_api_key")
         if entry is not None:
-            log.info("expired key used: key_id=%s", entry.key_id)
+            log.info("expired key used: key_id=%s request_id=%s", entry.key_id, request[REQUEST_ID])
             return error_response(401, "this API key has expired", "expired_api_key")
         return error_response(401, "invalid API key", "invalid_api_key")
     request[KEY_ID] = entry.key_id
@@ -108,28 +143,33 @@ def authorize(request: web.Request, settings: Settings) -> web.Response | None:
     decision = app[LIMITER].check(entry.key_id, limit)
     request[RATE] = decision
     if not decision.allowed:
-        log.info("rate limited: key_id=%s limit=%d/min", entry.key_id, limit)
+        request[REJECTED] = "rate"
+        log.info("rate limited: key_id=%s limit=%d/min request_id=%s", entry.key_id, limit, request[REQUEST_ID])
         return error_response(429, f"rate limit of {limit} requests per minute exceeded", "rate_limit_exceeded")
     return None
 
 
 @web.middleware
 async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One middleware, in data-flow order: limits -> CORS preflight -> auth and rate limit -> route, counted.
+    """One middleware, in data-flow order: request id -> limits -> CORS preflight -> auth and rate limit -> route;
+    then the request is counted, measured and logged.
 
-    (One layer rather than five: each layer is a coroutine frame on every request of the hot path.)
+    (One layer rather than several: each layer is a coroutine frame on every request of the hot path.)
     """
-    settings = request.app[SETTINGS]
+    app = request.app
+    settings = app[SETTINGS]
+    request[STARTED] = started = time.monotonic()
+    request[REQUEST_ID] = request_id(request.headers.get(REQUEST_ID_HEADER))
     refused = check_limits(request, settings)
-    if refused is None and request.app[DRAIN].draining and request.path not in PROBES:
+    if refused is None and app[DRAIN].draining and request.path not in PROBES:
         refused = error_response(503, "the server is shutting down; retry on another instance", "shutting_down",
                                  headers={"Retry-After": "1", "Connection": "close"})
     if refused is None and Cors.is_preflight(request):
-        refused = request.app[CORS].preflight(request)
+        refused = app[CORS].preflight(request)
     if refused is None:
         refused = authorize(request, settings)
     counted = request.path.startswith("/v1/")
-    stats = request.app[STATS]
+    stats = app[STATS]
     if counted:
         stats.begin()
     status = 500
@@ -146,11 +186,38 @@ async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamR
         status = response.status
         return response
     finally:
+        # A handler cancelled after its answer started (the client left, or closed a finished stream early)
+        # counts with the status it sent.
+        status = request.get(SENT_STATUS, status)
         if counted:
             stats.end(status)
+        _observe(request, status, time.monotonic() - started)
+
+
+def _observe(request: web.Request, status: int, duration: float) -> None:
+    app = request.app
+    metrics = app[METRICS]
+    key_id = request.get(KEY_ID)
+    metrics.observe_request(request.path, status, key_id, duration)
+    if (reason := request.get(REJECTED)) is not None:
+        metrics.reject(reason)
+    access_log = app.get(ACCESS_LOG)
+    if access_log is not None:
+        ttft, usage = request.get(TTFT), request.get(USAGE)
+        access_log.write(AccessRecord(
+            time=time.time() - duration, request_id=request[REQUEST_ID], key_id=key_id, method=request.method,
+            path=request.path, status=status, duration_ms=duration * 1000,
+            ttft_ms=None if ttft is None else ttft * 1000,
+            prompt_tokens=None if usage is None else usage[0],
+            completion_tokens=None if usage is None else usage[1],
+        ))
 
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    request[SENT_STATUS] = response.status
+    rid = request.get(REQUEST_ID)
+    if rid is not None:
+        response.headers[REQUEST_ID_HEADER] = rid
     cors = request.app[CORS]
     if cors.enabled:
         cors.decorate(request, response)
@@ -208,7 +275,23 @@ async def _prune(app: web.Application) -> None:
         app[LIMITER].prune()
 
 
-def create_app(settings: Settings, backend: Supervisor, drain: Drain | None = None) -> web.Application:
+async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    try:
+        access_log = AccessLog(settings.log_dir, settings.log_format, settings.access_log_max_bytes,
+                               settings.access_log_backups)
+    except OSError as exc:
+        log.warning("no access log: cannot write under %s: %s", settings.log_dir, exc)
+        yield
+        return
+    app[ACCESS_LOG] = access_log
+    yield
+    await asyncio.to_thread(access_log.close)
+
+
+def create_app(
+    settings: Settings, backend: Supervisor, drain: Drain | None = None, registry: CollectorRegistry | None = None
+) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_request_body_size,
         middlewares=[gate_middleware],
@@ -218,6 +301,9 @@ def create_app(settings: Settings, backend: Supervisor, drain: Drain | None = No
     app[STATS] = Stats()
     app[DRAIN] = drain or Drain()
     app[ADMISSION] = Admission(settings.max_concurrent_requests, settings.max_queue_size, settings.queue_timeout)
+    metrics = Metrics(registry or CollectorRegistry())
+    metrics.set_backend_source(lambda: (backend.up, backend.ready, backend.restarts))
+    app[METRICS] = metrics
     app[CORS] = Cors(settings.cors_origins)
     app[LIMITER] = SlidingWindow(60.0)
     app[FAILURES] = SlidingWindow(settings.auth_failure_window)
@@ -234,6 +320,8 @@ def create_app(settings: Settings, backend: Supervisor, drain: Drain | None = No
             )
         app.cleanup_ctx.append(_keys_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
+    if settings.access_log:
+        app.cleanup_ctx.append(_access_log_ctx)
     app.on_response_prepare.append(_on_prepare)
     health.add_routes(app)
     proxy.add_routes(app, settings.passthrough_routes)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.accesslog import AccessLog
 from gateway.admission import Admission
 from gateway.auth import KeyStore
 from gateway.cors import Cors
+from gateway.metrics import Metrics
 from gateway.ratelimit import SlidingWindow
 from gateway.stats import Drain, Stats
 from lifecycle.settings import Settings
@@ -23,3 +25,14 @@ LIMITER = web.AppKey("limiter", SlidingWindow)
 FAILURES = web.AppKey("auth_failures", SlidingWindow)
 ADMISSION = web.AppKey("admission", Admission)
 DRAIN = web.AppKey("drain", Drain)
+METRICS = web.AppKey("metrics", Metrics)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
+
+# Per-request values, set by the gate middleware and the proxy.
+KEY_ID = "key_id"
+RATE = "rate_decision"
+REQUEST_ID = "request_id"
+STARTED = "started"
+REJECTED = "rejected"
+TTFT = "ttft"
+USAGE = "usage"

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from aiohttp import web
 
-from gateway.appkeys import ADMISSION, BACKEND, DRAIN, SETTINGS, STATS
+from gateway.appkeys import ADMISSION, BACKEND, DRAIN, METRICS, SETTINGS, STATS, UPSTREAM
+from gateway.metrics import negotiate, relabel_backend_metrics
 from gateway.stats import Drain
+from lifecycle.upstream import UpstreamError
+
+log = logging.getLogger("gateway.health")
+BACKEND_SCRAPE_TIMEOUT = 2.0
 
 
 async def ping(_request: web.Request) -> web.Response:
@@ -36,12 +44,34 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    backend = request.app[BACKEND]
-    data = request.app[STATS].snapshot()
-    data["queue_depth"] = request.app[ADMISSION].depth
-    data["backend_ready"] = int(backend.ready)
-    data["backend_restarts"] = backend.restarts
-    return web.json_response(data)
+    """JSON by default (the seed's field names); Prometheus text or OpenMetrics when the Accept header (or
+    ?format=prometheus|openmetrics) asks, with llama-server's own llamacpp:* series on the same scrape."""
+    app = request.app
+    backend, metrics = app[BACKEND], app[METRICS]
+    accept = request.headers.get("Accept")
+    fmt = negotiate(accept, request.query.get("format"))
+    if fmt == "json":
+        data = app[STATS].snapshot()
+        data["queue_depth"] = app[ADMISSION].depth
+        data["backend_ready"] = int(backend.ready)
+        data["backend_restarts"] = backend.restarts
+        return web.json_response(metrics.json_snapshot(data))
+    metrics.set_queue_depth(app[ADMISSION].depth)
+    backend_text = await _backend_metrics(request) if backend.ready else ""
+    body, content_type = await asyncio.to_thread(metrics.render, accept, backend_text, fmt == "openmetrics")
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def _backend_metrics(request: web.Request) -> str:
+    try:
+        async with asyncio.timeout(BACKEND_SCRAPE_TIMEOUT):
+            reply = await request.app[UPSTREAM].fetch("GET", "/metrics")
+    except (UpstreamError, TimeoutError) as exc:
+        log.warning("llama-server /metrics failed: %s", exc)
+        return ""
+    if reply.status != 200:
+        return ""
+    return relabel_backend_metrics(reply.body.decode("utf-8", "replace"))
 
 
 def add_routes(app: web.Application) -> None:

@@ -5,13 +5,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 import aiohttp
 from aiohttp import web
 
 from gateway.admission import QueueFull, QueueTimeout
-from gateway.appkeys import ADMISSION, BACKEND, SETTINGS, STATS, UPSTREAM
+from gateway.appkeys import (
+    ADMISSION,
+    BACKEND,
+    KEY_ID,
+    METRICS,
+    REJECTED,
+    REQUEST_ID,
+    SETTINGS,
+    STARTED,
+    STATS,
+    TTFT,
+    UPSTREAM,
+    USAGE,
+)
 from gateway.errors import error_response, sse_error_event
+from gateway.metrics import StreamTail, usage_from_json, usage_from_sse
 from lifecycle.upstream import UpstreamConnectError, UpstreamError
 
 log = logging.getLogger("gateway.proxy")
@@ -39,8 +54,8 @@ def _unavailable(request: web.Request) -> web.Response | None:
     )
 
 
-def _backend_failed(method: str, path: str, exc: Exception) -> web.Response:
-    log.warning("backend request %s %s failed: %s", method, path, exc)
+def _backend_failed(request: web.Request, method: str, exc: Exception) -> web.Response:
+    log.warning("backend request %s %s failed: %s (request_id=%s)", method, request.path, exc, request[REQUEST_ID])
     if isinstance(exc, UpstreamConnectError | aiohttp.ClientConnectorError):
         # Nothing was sent: the backend is not accepting connections (it is restarting). Safe to retry.
         return error_response(503, "the model backend is restarting; retry shortly", "backend_unavailable",
@@ -71,29 +86,46 @@ async def proxy_json(request: web.Request) -> web.StreamResponse:
     if not isinstance(parsed, dict):
         return error_response(400, "the request body must be a JSON object", "invalid_json")
     # Only now, with the whole body in hand, does the request wait for a backend slot.
-    admission = request.app[ADMISSION]
-    retry_after = {"Retry-After": str(max(1, round(request.app[SETTINGS].queue_timeout / 4)))}
+    app = request.app
+    admission, metrics = app[ADMISSION], app[METRICS]
+    retry_after = {"Retry-After": str(max(1, round(app[SETTINGS].queue_timeout / 4)))}
     try:
-        await admission.acquire()
+        waited = await admission.acquire()
     except QueueFull:
-        request.app[STATS].queue_rejections += 1
+        app[STATS].queue_rejections += 1
+        request[REJECTED] = "queue_full"
         return error_response(503, "the request queue is full; retry shortly", "queue_full", headers=retry_after)
     except QueueTimeout:
-        request.app[STATS].queue_rejections += 1
+        app[STATS].queue_rejections += 1
+        request[REJECTED] = "queue_timeout"
         return error_response(503, "no backend slot became free in time; retry shortly", "queue_timeout",
                               headers=retry_after)
+    metrics.observe_queue_wait(waited)
+    metrics.inc_in_flight()
+    headers = {**JSON_HEADERS, "X-Request-ID": request[REQUEST_ID]}
     try:
         if parsed.get("stream") is True:
-            return await _stream(request, body)
-        return await _fetch(request, "POST", body, JSON_HEADERS)
+            return await _stream(request, body, headers)
+        response = await _fetch(request, "POST", body, headers)
+        if response.status == 200 and isinstance(response.body, bytes):
+            _count_tokens(request, usage_from_json(response.body))
+        return response
     finally:
+        metrics.dec_in_flight()
         admission.release()
+
+
+def _count_tokens(request: web.Request, usage: tuple[int, int, float] | None) -> None:
+    if usage is None:
+        return
+    request[USAGE] = usage
+    request.app[METRICS].observe_tokens(request.get(KEY_ID), request.app[BACKEND].model_id, *usage)
 
 
 async def proxy_get(request: web.Request) -> web.StreamResponse:
     if (refused := _unavailable(request)) is not None:
         return refused
-    return await _fetch(request, "GET", None, None)
+    return await _fetch(request, "GET", None, {"X-Request-ID": request[REQUEST_ID]})
 
 
 async def _fetch(
@@ -104,26 +136,27 @@ async def _fetch(
         async with asyncio.timeout(timeout):
             reply = await request.app[UPSTREAM].fetch(method, request.path, body=body, headers=headers)
     except UpstreamError as exc:
-        return _backend_failed(method, request.path, exc)
+        return _backend_failed(request, method, exc)
     except TimeoutError:
-        log.warning("backend request %s %s timed out after %gs", method, request.path, timeout)
+        log.warning("backend request %s %s timed out after %gs (request_id=%s)", method, request.path, timeout,
+                    request[REQUEST_ID])
         return error_response(504, f"the model backend did not answer within {timeout:g}s (REQUEST_TIMEOUT)")
     return web.Response(status=reply.status, body=reply.body,
                         headers={"Content-Type": reply.content_type or "application/json"})
 
 
-async def _stream(request: web.Request, body: bytes) -> web.StreamResponse:
+async def _stream(request: web.Request, body: bytes, headers: dict[str, str]) -> web.StreamResponse:
     try:
-        resp = await request.app[UPSTREAM].stream("POST", request.path, body=body, headers=JSON_HEADERS)
+        resp = await request.app[UPSTREAM].stream("POST", request.path, body=body, headers=headers)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return _backend_failed("POST", request.path, exc)
+        return _backend_failed(request, "POST", exc)
     async with resp:
         if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
             # llama-server refused before streaming (e.g. a prompt over the context): pass its answer on.
             try:
                 data = await resp.read()
             except (aiohttp.ClientError, TimeoutError) as exc:
-                return _backend_failed("POST", request.path, exc)
+                return _backend_failed(request, "POST", exc)
             return web.Response(status=resp.status, body=data,
                                 headers={"Content-Type": resp.headers.get("Content-Type", "application/json")})
         return await _pass_events(request, resp)
@@ -132,6 +165,8 @@ async def _stream(request: web.Request, body: bytes) -> web.StreamResponse:
 async def _pass_events(request: web.Request, resp: aiohttp.ClientResponse) -> web.StreamResponse:
     out = web.StreamResponse(status=resp.status, headers=_SSE_HEADERS)
     await out.prepare(request)
+    tail = StreamTail()  # the last few KB, where llama-server puts usage and timings
+    first = True
     chunk = b"\n\n"
     while True:
         last = chunk
@@ -140,7 +175,8 @@ async def _pass_events(request: web.Request, resp: aiohttp.ClientResponse) -> we
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The status line is long gone: the failure is reported inside the stream.
             timed_out = isinstance(exc, TimeoutError) or isinstance(exc.__cause__, TimeoutError)
-            log.warning("backend stream %s: %r", "went idle" if timed_out else "broke off", exc)
+            log.warning("backend stream %s: %r (request_id=%s)", "went idle" if timed_out else "broke off", exc,
+                        request[REQUEST_ID])
             message = ("the model backend sent nothing for too long (STREAM_IDLE_TIMEOUT)" if timed_out
                        else "the model backend broke off the stream")
             chunk, failed = sse_error_event(message, "backend_timeout" if timed_out else "backend_error"), True
@@ -150,6 +186,11 @@ async def _pass_events(request: web.Request, resp: aiohttp.ClientResponse) -> we
             failed = False
         if not chunk:
             break
+        if first and not failed:
+            first = False
+            request[TTFT] = ttft = time.monotonic() - request[STARTED]
+            request.app[METRICS].observe_ttft(request.path, ttft)
+        tail.feed(chunk)
         try:
             await out.write(chunk)
         except ConnectionError:
@@ -158,6 +199,7 @@ async def _pass_events(request: web.Request, resp: aiohttp.ClientResponse) -> we
         if failed:
             break
     await out.write_eof()
+    _count_tokens(request, usage_from_sse(bytes(tail)))
     return out
 
 

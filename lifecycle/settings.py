@@ -142,6 +142,10 @@ class Settings:
     stream_idle_timeout: float = 120.0
     connect_timeout: float = 5.0
     drain_timeout: float = 30.0
+    access_log: bool = True
+    log_format: str = "text"
+    access_log_max_bytes: int = 10_000_000
+    access_log_backups: int = 5
     deprecations: tuple[str, ...] = ()
 
     @property
@@ -212,6 +216,9 @@ class Settings:
         crash_loop = r.str("BACKEND_CRASH_LOOP", "exit").lower()
         if crash_loop not in ("exit", "retry"):
             raise SettingsError(f"BACKEND_CRASH_LOOP={crash_loop!r} is not allowed: use exit or retry")
+        log_format = (r.raw("LOG_FORMAT") or r.str("ACCESS_LOG_FORMAT", "text")).lower()
+        if log_format not in ("text", "json"):
+            raise SettingsError(f"LOG_FORMAT={log_format!r} is not allowed: use text or json")
         parallel = r.int("PARALLEL", 4, minimum=1)
         model_name = r.raw("MODEL_NAME")
         if model_name is not None and ("/" in model_name or model_name in (".", "..")):
@@ -263,6 +270,10 @@ class Settings:
             stream_idle_timeout=r.float("STREAM_IDLE_TIMEOUT", 120.0, minimum=0.001),
             connect_timeout=r.float("UPSTREAM_CONNECT_TIMEOUT", 5.0, minimum=0.001),
             drain_timeout=r.float("DRAIN_TIMEOUT", 30.0),
+            access_log=r.bool("ACCESS_LOG", True),
+            log_format=log_format,
+            access_log_max_bytes=r.int("ACCESS_LOG_MAX_BYTES", 10_000_000, minimum=1024),
+            access_log_backups=r.int("ACCESS_LOG_BACKUPS", 5),
             deprecations=tuple(deprecations),
         )
         ports = {"PORT": settings.port, "PORT_HEALTH": settings.port_health, "PORT_BACKEND": settings.port_backend}

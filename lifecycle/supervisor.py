@@ -102,6 +102,8 @@ def backend_command(settings: Settings, binary: Path, model: Path, key_file: Pat
         cmd += ["-t", str(settings.threads)]
     if "--alias" not in settings.extra_args and "-a" not in settings.extra_args:
         cmd += ["--alias", model.name]
+    if "--metrics" not in settings.extra_args:
+        cmd.append("--metrics")  # re-exported on the gateway's /metrics
     return cmd + list(settings.extra_args)
 
 

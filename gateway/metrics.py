@@ -1,0 +1,447 @@
+"""Prometheus metrics for the gateway: bounded labels, token usage from llama-server's answers, exposition.
+
+Every series lives in a registry passed in (tests get fresh ones). Label values are bounded by construction:
+routes come from a fixed table (anything else is "other"), rejection reasons from a fixed set, and key_id and
+model values are capped (new values past the cap become "other"), so a scrape never grows without limit.
+
+Usage parsing reads only the tail of an answer: llama-server writes JSON keys sorted, so `timings` and `usage` are
+the last keys of a response and sit in the last event of a stream. The gateway keeps the last TAIL_BYTES of a
+stream (see StreamTail) and parses them once, at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.exposition import generate_latest as generate_text
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as CONTENT_TYPE_OPENMETRICS
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("gateway.metrics")
+
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
+OTHER = "other"
+NO_KEY = "none"  # key_id of requests refused before a key was known
+REJECTION_REASONS = ("auth", "rate", "queue_full", "queue_timeout", "size", OTHER)
+MAX_KEY_IDS = 1000
+MAX_MODELS = 16
+TAIL_BYTES = 8192
+
+# Prometheus' default text format; CONTENT_TYPE_LATEST in prometheus_client 0.26 announces text format 1.0.0, which
+# older scrapers do not know, and what generate_latest() writes by default is 0.0.4.
+CONTENT_TYPE_TEXT = CONTENT_TYPE_PLAIN_0_0_4
+OPENMETRICS = "application/openmetrics-text"
+EOF = b"# EOF\n"
+
+# Seconds. TTFT spans a cached short prompt (a few ms) to a long prompt on CPU (a minute); whole requests run up to
+# ten minutes (long generations); queue waits are bounded by the queue timeout.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+                    600.0)
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKENS_PER_SECOND_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 200.0, 300.0, 500.0, 1000.0,
+                             2000.0)
+
+BackendSource = Callable[[], tuple[bool, bool, int]]
+
+
+class LabelGuard:
+    """Caps the distinct values of one label: the first `cap` values pass, later new ones become "other"."""
+
+    __slots__ = ("cap", "seen")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self.seen:
+            return value
+        if len(self.seen) >= self.cap:
+            return OTHER
+        self.seen.add(value)
+        return value
+
+
+class _BackendCollector(Collector):
+    """llama-server's state read from the supervisor at scrape time, so it is never stale."""
+
+    def __init__(self) -> None:
+        self.source: BackendSource | None = None
+
+    def describe(self) -> list[Metric]:
+        return self._families(None)
+
+    def collect(self) -> list[Metric]:
+        if self.source is None:
+            return []
+        try:
+            state = self.source()
+        except Exception:  # a scrape must never fail because of the backend's bookkeeping
+            log.exception("the backend metrics source failed")
+            return []
+        return self._families(state)
+
+    @staticmethod
+    def _families(state: tuple[bool, bool, int] | None) -> list[Metric]:
+        up = GaugeMetricFamily("gateway_backend_up", "1 while the llama-server process is running")
+        ready = GaugeMetricFamily("gateway_backend_ready", "1 while llama-server answers requests (model loaded)")
+        restarts = CounterMetricFamily("gateway_backend_restarts", "Times the supervisor restarted llama-server")
+        if state is not None:
+            up.add_metric([], float(state[0]))
+            ready.add_metric([], float(state[1]))
+            restarts.add_metric([], float(state[2]))
+        return [up, ready, restarts]
+
+
+def _child(metric: Any, cache: dict[tuple[str, ...], Any], labels: tuple[str, ...]) -> Any:
+    """metric.labels(*labels), remembered: labels() costs about a microsecond, a dict lookup a tenth of that."""
+    child = cache.get(labels)
+    if child is None:
+        child = cache[labels] = metric.labels(*labels)
+    return child
+
+
+class Metrics:
+    """The gateway's series in `registry`. Update methods run on the event loop; render() may run in a thread."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        routes: Iterable[str] = ROUTES,
+        max_key_ids: int = MAX_KEY_IDS,
+        max_models: int = MAX_MODELS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.routes = {route: route for route in routes}
+        self.key_ids = LabelGuard(max_key_ids)
+        self.models = LabelGuard(max_models)
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.rejections = dict.fromkeys(REJECTION_REASONS, 0)
+        self._children: dict[str, dict[tuple[str, ...], Any]] = {
+            name: {} for name in ("requests", "duration", "ttft", "rejected", "prompt", "completion")}
+        started = clock()
+        r = registry
+
+        self.requests = Counter("gateway_requests", "Requests answered, by route, HTTP status and API key id",
+                                ("route", "status", "key_id"), registry=r)
+        self.duration = Histogram("gateway_request_duration_seconds",
+                                  "Time from the request's arrival to the last byte of the answer",
+                                  ("route",), buckets=DURATION_BUCKETS, registry=r)
+        self.ttft = Histogram("gateway_time_to_first_token_seconds",
+                              "Streams: time from the request's arrival to the first event from the model",
+                              ("route",), buckets=TTFT_BUCKETS, registry=r)
+        self.queue_wait = Histogram("gateway_queue_wait_seconds", "Time admitted requests waited for a slot",
+                                    buckets=QUEUE_WAIT_BUCKETS, registry=r)
+        self.queue_depth = Gauge("gateway_queue_depth", "Requests waiting for a slot", registry=r)
+        self.in_flight = Gauge("gateway_requests_in_flight", "Requests holding a slot", registry=r)
+        self.rejected = Counter("gateway_rejections", "Requests refused by the gateway itself, by reason",
+                                ("reason",), registry=r)
+        self.prompt = Counter("gateway_prompt_tokens", "Prompt tokens processed, by API key id and model",
+                              ("key_id", "model"), registry=r)
+        self.completion = Counter("gateway_completion_tokens", "Completion tokens generated, by API key id and model",
+                                  ("key_id", "model"), registry=r)
+        self.speed = Histogram("gateway_generation_tokens_per_second",
+                               "Generation speed of each completed request (completion tokens / generation time)",
+                               buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
+        uptime = Gauge("gateway_uptime_seconds", "Seconds since the gateway started", registry=r)
+        uptime.set_function(lambda: clock() - started)
+        self._backend = _BackendCollector()
+        r.register(self._backend)
+
+        # Children that exist from the first scrape, so rate() and the dashboard see zeros rather than nothing.
+        for reason in REJECTION_REASONS:
+            _child(self.rejected, self._children["rejected"], (reason,))
+        for route in (*self.routes, OTHER):
+            _child(self.duration, self._children["duration"], (route,))
+        for route in ("/v1/chat/completions", "/v1/completions"):
+            if route in self.routes:
+                _child(self.ttft, self._children["ttft"], (route,))
+
+    def route(self, path: str) -> str:
+        """The route label of a request path: one of the known routes, or "other"."""
+        return self.routes.get(path, OTHER)
+
+    def key_id(self, key_id: str | None) -> str:
+        return self.key_ids(key_id) if key_id else NO_KEY
+
+    def observe_request(self, route: str, status: int | str, key_id: str | None, duration_s: float) -> None:
+        """Once per answered request; `route` may be the raw path (it is mapped onto the fixed set)."""
+        route = self.routes.get(route, OTHER)
+        _child(self.requests, self._children["requests"], (route, str(status), self.key_id(key_id))).inc()
+        _child(self.duration, self._children["duration"], (route,)).observe(duration_s)
+
+    def observe_ttft(self, route: str, seconds: float) -> None:
+        _child(self.ttft, self._children["ttft"], (self.routes.get(route, OTHER),)).observe(seconds)
+
+    def observe_tokens(
+        self, key_id: str | None, model: str | None, prompt: int, completion: int, seconds_generating: float = 0.0
+    ) -> None:
+        key = self.key_id(key_id)
+        name = self.models(model) if model else "unknown"
+        if prompt > 0:
+            self.prompt_tokens += prompt
+            _child(self.prompt, self._children["prompt"], (key, name)).inc(prompt)
+        if completion > 0:
+            self.completion_tokens += completion
+            _child(self.completion, self._children["completion"], (key, name)).inc(completion)
+            if seconds_generating > 0:
+                self.speed.observe(completion / seconds_generating)
+
+    def reject(self, reason: str) -> None:
+        """A refusal by the gateway itself; reasons outside REJECTION_REASONS count as "other"."""
+        if reason not in self.rejections:
+            reason = OTHER
+        self.rejections[reason] += 1
+        _child(self.rejected, self._children["rejected"], (reason,)).inc()
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        self.queue_wait.observe(seconds)
+
+    def set_queue_depth(self, n: int) -> None:
+        self.queue_depth.set(n)
+
+    def inc_in_flight(self) -> None:
+        self.in_flight.inc()
+
+    def dec_in_flight(self) -> None:
+        self.in_flight.dec()
+
+    def set_backend_source(self, source: BackendSource) -> None:
+        """`source()` -> (up, ready, restarts), called at scrape time: lambda: (sup.up, sup.ready, sup.restarts)."""
+        self._backend.source = source
+
+    def render(
+        self, accept_header: str | None, backend: str = "", openmetrics: bool | None = None
+    ) -> tuple[bytes, str]:
+        """(body, content type) for a scrape: OpenMetrics when the Accept header asks for it (or `openmetrics` is
+        True), else Prometheus text.
+
+        `backend` is relabel_backend_metrics(llama-server's /metrics text), appended after our own series. With
+        many key ids a scrape takes tens of milliseconds: run it off the loop (asyncio.to_thread), which is safe.
+        """
+        if wants_openmetrics(accept_header) if openmetrics is None else openmetrics:
+            body = generate_openmetrics(self.registry)
+            if backend:
+                # The backend's series go just before the closing "# EOF" the registry's output ends with.
+                head = body[: -len(EOF)] if body.endswith(EOF) else body
+                body = head + backend_to_openmetrics(backend).encode() + EOF
+            return body, CONTENT_TYPE_OPENMETRICS
+        body = generate_text(self.registry)
+        if backend:
+            body += backend.encode()
+        return body, CONTENT_TYPE_TEXT
+
+    def json_snapshot(self, base: Mapping[str, object]) -> dict[str, object]:
+        """`base` (gateway/stats.py's fields, unchanged) plus token totals and rejections by reason."""
+        out = dict(base)
+        out.setdefault("tokens_prompt_total", self.prompt_tokens)
+        out.setdefault("tokens_completion_total", self.completion_tokens)
+        out.setdefault("rejections", dict(self.rejections))
+        source = self._backend.source
+        if source is not None and "backend_restarts" not in out:
+            try:
+                out["backend_restarts"] = source()[2]
+            except Exception:
+                log.exception("the backend metrics source failed")
+        return out
+
+
+def _media_types(accept_header: str) -> set[str]:
+    return {part.split(";", 1)[0].strip().lower() for part in accept_header.split(",")}
+
+
+def wants_openmetrics(accept_header: str | None) -> bool:
+    if not accept_header or OPENMETRICS not in accept_header.lower():
+        return False
+    return OPENMETRICS in _media_types(accept_header)
+
+
+FORMATS = ("json", "prometheus", "openmetrics")
+
+
+def negotiate(accept_header: str | None, requested: str | None = None) -> str:
+    """Which /metrics answer a caller gets: "openmetrics", "prometheus" or "json".
+
+    An explicit choice (e.g. ?format=) wins when it is one of FORMATS. Otherwise scrapers name their formats in
+    Accept (Prometheus sends application/openmetrics-text and text/plain), while curl, browsers and the seed's JSON
+    clients send */* or application/json, or nothing, and keep getting the seed's JSON.
+    """
+    if requested in FORMATS:
+        return requested
+    if not accept_header:
+        return "json"
+    types = _media_types(accept_header)
+    if OPENMETRICS in types:
+        return "openmetrics"
+    if "text/plain" in types:
+        return "prometheus"
+    return "json"
+
+
+# --- llama-server's own series -------------------------------------------------------------------------------------
+
+BACKEND_PREFIX = "llamacpp:"
+
+
+def relabel_backend_metrics(text: str) -> str:
+    """Only llama-server's `llamacpp:*` series (HELP, TYPE and sample lines) of its /metrics text, ready to append."""
+    kept = [
+        line for line in text.splitlines()
+        if line.startswith(BACKEND_PREFIX)
+        or ((line.startswith("# HELP ") or line.startswith("# TYPE ")) and line[7:].startswith(BACKEND_PREFIX))
+    ]
+    return "\n".join(kept) + "\n" if kept else ""
+
+
+_OM_VALUES = {"nan": "NaN", "inf": "+Inf", "+inf": "+Inf", "-inf": "-Inf"}
+
+
+def backend_to_openmetrics(text: str) -> str:
+    """Prometheus text (relabel_backend_metrics' output) as OpenMetrics lines, without the closing `# EOF`.
+
+    OpenMetrics names a counter family without its `_total` suffix and wants NaN/+Inf spelled so; llama-server's
+    one counter without `_total` (n_tokens_max, a high-water mark) is declared a gauge, so every sample keeps the
+    name it has in the Prometheus text format.
+    """
+    families: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            parts = line.split()
+            if len(parts) >= 4:
+                families[parts[2]] = parts[3]
+    out = []
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            parts = line.split(" ", 3)
+            if len(parts) < 4:
+                continue
+            name, rest = parts[2], parts[3]
+            typ = families.get(name, "unknown")
+            if typ == "counter":
+                if name.endswith("_total"):
+                    name = name[:-6]
+                else:
+                    typ = "gauge"
+            elif typ == "untyped":
+                typ = "unknown"
+            out.append(f"{parts[0]} {parts[1]} {name} {typ if parts[1] == 'TYPE' else rest}")
+        elif line and not line.startswith("#"):
+            head, _, value = line.rpartition(" ")
+            out.append(f"{head} {_OM_VALUES.get(value.lower(), value)}")
+    return "\n".join(out) + "\n" if out else ""
+
+
+# --- token usage from llama-server's answers ------------------------------------------------------------------------
+
+class Usage(NamedTuple):
+    """Tokens of one answer; generation_seconds is llama-server's own generation time (0.0 when unknown)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    generation_seconds: float = 0.0
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _last_object(text: str, key: str) -> dict[str, object] | None:
+    """The value of the last `"key": {...}` in text, skipping occurrences whose object is cut off or not an object.
+
+    A JSON string cannot hold an unescaped quote, so `"key"` followed by `:` only matches a real key.
+    """
+    needle = f'"{key}"'
+    end = len(text)
+    while (i := text.rfind(needle, 0, end)) >= 0:
+        end = i
+        j = i + len(needle)
+        while j < len(text) and text[j] in " \t\r\n":
+            j += 1
+        if j >= len(text) or text[j] != ":":
+            continue
+        j += 1
+        while j < len(text) and text[j] in " \t\r\n":
+            j += 1
+        try:
+            value, _ = _DECODER.raw_decode(text, j)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def _count(obj: dict[str, object] | None, name: str) -> int | None:
+    if obj is None:
+        return None
+    value = obj.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or not math.isfinite(value):
+        return None
+    return int(value)
+
+
+def _usage(tail: bytes) -> Usage | None:
+    text = tail[-TAIL_BYTES:].decode("utf-8", "replace")
+    usage = _last_object(text, "usage")
+    timings = _last_object(text, "timings")
+    if usage is None and timings is None:
+        return None
+    prompt = _count(usage, "prompt_tokens")
+    if prompt is None and timings is not None:
+        # timings' prompt_n counts only the tokens evaluated; cache_n the ones reused from the cache
+        prompt = (_count(timings, "prompt_n") or 0) + (_count(timings, "cache_n") or 0)
+    completion = _count(usage, "completion_tokens")
+    if completion is None:
+        completion = _count(timings, "predicted_n")
+    predicted_ms = timings.get("predicted_ms") if timings is not None else None
+    seconds = 0.0
+    if isinstance(predicted_ms, int | float) and not isinstance(predicted_ms, bool) and predicted_ms > 0:
+        seconds = predicted_ms / 1000.0
+    return Usage(prompt or 0, completion or 0, seconds if math.isfinite(seconds) else 0.0)
+
+
+def usage_from_json(body: bytes) -> Usage | None:
+    """Usage of a whole (non-stream) OpenAI answer, read from its last TAIL_BYTES; None when it carries none.
+
+    `usage` first, `timings` as the fallback for the token counts; generation time from timings.predicted_ms.
+    """
+    return _usage(body)
+
+
+def usage_from_sse(chunk_tail: bytes) -> Usage | None:
+    """Usage from the last events of a stream (its last TAIL_BYTES suffice); None when they carry none.
+
+    llama-server puts `usage` on its final chunk when the request set stream_options.include_usage, and `timings`
+    on the final chunk always, so a stream without usage still yields its token counts.
+    """
+    return _usage(chunk_tail)
+
+
+class StreamTail:
+    """Keeps about the last TAIL_BYTES of a stream, at amortised O(chunk) cost per chunk."""
+
+    __slots__ = ("buffer", "limit")
+
+    def __init__(self, limit: int = TAIL_BYTES) -> None:
+        self.limit = limit
+        self.buffer = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        if len(self.buffer) > 2 * self.limit:
+            del self.buffer[:-self.limit]
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.buffer[-self.limit:])
