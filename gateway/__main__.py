@@ -8,7 +8,7 @@ import sys
 
 from gateway.server import serve
 from lifecycle.logs import setup_logging
-from lifecycle.settings import Settings, SettingsError
+from lifecycle.settings import BAD_SETTINGS_EXIT, load_settings
 
 log = logging.getLogger("gateway")
 
@@ -22,11 +22,9 @@ def _loop_factory():  # type: ignore[no-untyped-def]
 
 
 def main() -> int:
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    settings = load_settings()
+    if settings is None:
+        return BAD_SETTINGS_EXIT
     listener = setup_logging(settings)
     try:
         for note in settings.deprecations:

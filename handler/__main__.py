@@ -17,7 +17,7 @@ from handler.worker import JobHandler, collect
 from lifecycle.background import BackgroundBackend
 from lifecycle.fetch import ProvisionError
 from lifecycle.logs import setup_logging
-from lifecycle.settings import Settings, SettingsError
+from lifecycle.settings import BAD_SETTINGS_EXIT, load_settings
 from lifecycle.supervisor import BackendStartError
 
 log = logging.getLogger("handler")
@@ -29,11 +29,9 @@ def _local_test_mode(env: dict[str, str], argv: list[str]) -> bool:
 
 
 def main() -> int:
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    settings = load_settings()
+    if settings is None:
+        return BAD_SETTINGS_EXIT
     listener = setup_logging(settings)
     backend = BackgroundBackend(settings)
     try:

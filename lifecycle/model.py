@@ -79,13 +79,13 @@ def main() -> int:
     """`python -m lifecycle.model`: resolve (and fetch, for the default) the model the settings name."""
     import sys
 
-    from lifecycle.settings import Settings, SettingsError
+    from lifecycle.settings import BAD_SETTINGS_EXIT, load_settings
 
+    settings = load_settings()
+    if settings is None:
+        return BAD_SETTINGS_EXIT
     try:
-        print(resolve_model(Settings.from_env()))
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(resolve_model(settings))
     except ProvisionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

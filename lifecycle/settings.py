@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -283,15 +284,24 @@ class Settings:
         return settings
 
 
-def main() -> int:
-    """`python -m lifecycle.settings`: print the resolved settings (DEBUG_SHELL uses it)."""
-    import sys
+BAD_SETTINGS_EXIT = 2
 
+
+def load_settings() -> Settings | None:
+    """The settings from the environment, or None once the one-line error is printed; the entry point then
+    exits with BAD_SETTINGS_EXIT."""
     try:
-        settings = Settings.from_env()
+        return Settings.from_env()
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return None
+
+
+def main() -> int:
+    """`python -m lifecycle.settings`: print the resolved settings (DEBUG_SHELL uses it)."""
+    settings = load_settings()
+    if settings is None:
+        return BAD_SETTINGS_EXIT
     for key, value in settings.describe().items():
         print(f"  {key}={value}")
     return 0
