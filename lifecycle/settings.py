@@ -109,8 +109,8 @@ class Settings:
     passthrough_routes: tuple[str, ...] = ()
     client_timeout: float = 30.0
 
-    parallel: int = 4
-    max_concurrent_requests: int = 4
+    parallel: int = 8
+    max_concurrent_requests: int = 8
     max_queue_size: int = 0
     max_request_body_size: int = 10 * 1024 * 1024
     max_headers: int = 64
@@ -220,7 +220,7 @@ class Settings:
         log_format = (r.raw("LOG_FORMAT") or r.str("ACCESS_LOG_FORMAT", "text")).lower()
         if log_format not in ("text", "json"):
             raise SettingsError(f"LOG_FORMAT={log_format!r} is not allowed: use text or json")
-        parallel = r.int("PARALLEL", 4, minimum=1)
+        parallel = r.int("PARALLEL", 8, minimum=1)
         model_name = r.raw("MODEL_NAME")
         if model_name is not None and ("/" in model_name or model_name in (".", "..")):
             raise SettingsError(f"MODEL_NAME={model_name!r} is not allowed: use a file name; use MODEL_PATH for paths")

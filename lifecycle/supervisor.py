@@ -102,6 +102,10 @@ def backend_command(settings: Settings, binary: Path, model: Path, key_file: Pat
         cmd += ["-t", str(settings.threads)]
     if "--alias" not in settings.extra_args and "-a" not in settings.extra_args:
         cmd += ["--alias", model.name]
+    if not {"-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified"} & set(settings.extra_args):
+        # One KV buffer of CTX tokens shared by the slots, as llama-server does with its own automatic slot count:
+        # any one request may use the whole context instead of CTX / PARALLEL.
+        cmd.append("--kv-unified")
     if "--metrics" not in settings.extra_args:
         cmd.append("--metrics")  # re-exported on the gateway's /metrics
     return cmd + list(settings.extra_args)
