@@ -34,6 +34,7 @@ from gateway.appkeys import (
     RATE,
     REJECTED,
     REQUEST_ID,
+    REQUEST_IDS,
     SETTINGS,
     STARTED,
     STATS,
@@ -47,7 +48,7 @@ from gateway.errors import error_response
 from gateway.metrics import Metrics
 from gateway.ratelimit import Decision, SlidingWindow
 from gateway.requestid import HEADER as REQUEST_ID_HEADER
-from gateway.requestid import request_id
+from gateway.requestid import RequestIds
 from gateway.stats import Drain, Stats
 from lifecycle.settings import Settings
 from lifecycle.supervisor import Supervisor
@@ -159,7 +160,7 @@ async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamR
     app = request.app
     settings = app[SETTINGS]
     request[STARTED] = started = time.monotonic()
-    request[REQUEST_ID] = request_id(request.headers.get(REQUEST_ID_HEADER))
+    request[REQUEST_ID] = app[REQUEST_IDS](request.headers.get(REQUEST_ID_HEADER))
     refused = check_limits(request, settings)
     if refused is None and app[DRAIN].draining and request.path not in PROBES:
         refused = error_response(503, "the server is shutting down; retry on another instance", "shutting_down",
@@ -304,6 +305,7 @@ def create_app(
     metrics = Metrics(registry or CollectorRegistry())
     metrics.set_backend_source(lambda: (backend.up, backend.ready, backend.restarts))
     app[METRICS] = metrics
+    app[REQUEST_IDS] = RequestIds()
     app[CORS] = Cors(settings.cors_origins)
     app[LIMITER] = SlidingWindow(60.0)
     app[FAILURES] = SlidingWindow(settings.auth_failure_window)

@@ -10,6 +10,7 @@ from gateway.auth import KeyStore
 from gateway.cors import Cors
 from gateway.metrics import Metrics
 from gateway.ratelimit import SlidingWindow
+from gateway.requestid import RequestIds
 from gateway.stats import Drain, Stats
 from lifecycle.settings import Settings
 from lifecycle.supervisor import Supervisor
@@ -27,6 +28,7 @@ ADMISSION = web.AppKey("admission", Admission)
 DRAIN = web.AppKey("drain", Drain)
 METRICS = web.AppKey("metrics", Metrics)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
+REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 
 # Per-request values, set by the gate middleware and the proxy.
 KEY_ID = "key_id"

@@ -64,9 +64,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def _backend_metrics(request: web.Request) -> str:
     try:
-        async with asyncio.timeout(BACKEND_SCRAPE_TIMEOUT):
-            reply = await request.app[UPSTREAM].fetch("GET", "/metrics")
-    except (UpstreamError, TimeoutError) as exc:
+        reply = await request.app[UPSTREAM].fetch("GET", "/metrics", timeout=BACKEND_SCRAPE_TIMEOUT)
+    except UpstreamError as exc:
         log.warning("llama-server /metrics failed: %s", exc)
         return ""
     if reply.status != 200:

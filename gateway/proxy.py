@@ -27,7 +27,7 @@ from gateway.appkeys import (
 )
 from gateway.errors import error_response, sse_error_event
 from gateway.metrics import StreamTail, usage_from_json, usage_from_sse
-from lifecycle.upstream import UpstreamConnectError, UpstreamError
+from lifecycle.upstream import UpstreamConnectError, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("gateway.proxy")
 
@@ -133,14 +133,13 @@ async def _fetch(
 ) -> web.Response:
     timeout = request.app[SETTINGS].request_timeout
     try:
-        async with asyncio.timeout(timeout):
-            reply = await request.app[UPSTREAM].fetch(method, request.path, body=body, headers=headers)
-    except UpstreamError as exc:
-        return _backend_failed(request, method, exc)
-    except TimeoutError:
+        reply = await request.app[UPSTREAM].fetch(method, request.path, body=body, headers=headers, timeout=timeout)
+    except UpstreamTimeout:
         log.warning("backend request %s %s timed out after %gs (request_id=%s)", method, request.path, timeout,
                     request[REQUEST_ID])
         return error_response(504, f"the model backend did not answer within {timeout:g}s (REQUEST_TIMEOUT)")
+    except UpstreamError as exc:
+        return _backend_failed(request, method, exc)
     return web.Response(status=reply.status, body=reply.body,
                         headers={"Content-Type": reply.content_type or "application/json"})
 
@@ -166,6 +165,20 @@ async def _pass_events(request: web.Request, resp: aiohttp.ClientResponse) -> we
     out = web.StreamResponse(status=resp.status, headers=_SSE_HEADERS)
     await out.prepare(request)
     tail = StreamTail()  # the last few KB, where llama-server puts usage and timings
+    try:
+        client_left = await _relay(request, resp, out, tail)
+    finally:
+        # Also when cancelled: a client that closes as soon as it reads [DONE] cancels this handler.
+        _count_tokens(request, usage_from_sse(bytes(tail)))
+    if not client_left:
+        await out.write_eof()
+    return out
+
+
+async def _relay(
+    request: web.Request, resp: aiohttp.ClientResponse, out: web.StreamResponse, tail: StreamTail
+) -> bool:
+    """Pass the backend's events on as they arrive; True when the client left."""
     first = True
     chunk = b"\n\n"
     while True:
@@ -185,7 +198,7 @@ async def _pass_events(request: web.Request, resp: aiohttp.ClientResponse) -> we
         else:
             failed = False
         if not chunk:
-            break
+            return False
         if first and not failed:
             first = False
             request[TTFT] = ttft = time.monotonic() - request[STARTED]
@@ -195,12 +208,9 @@ async def _pass_events(request: web.Request, resp: aiohttp.ClientResponse) -> we
             await out.write(chunk)
         except ConnectionError:
             resp.close()  # the client left: drop the upstream request so llama-server stops generating
-            return out
+            return True
         if failed:
-            break
-    await out.write_eof()
-    _count_tokens(request, usage_from_sse(bytes(tail)))
-    return out
+            return False
 
 
 async def proxy_passthrough(request: web.Request) -> web.StreamResponse:

@@ -207,7 +207,8 @@ class Supervisor:
         exited = asyncio.create_task(self._proc.wait())
         timeout = aiohttp.ClientTimeout(total=5)
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as session:
+            connector = aiohttp.TCPConnector(resolver=aiohttp.ThreadedResolver())
+            async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
                 while not exited.done():
                     with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                         async with session.get(f"{self.base_url}/health") as resp:

@@ -36,6 +36,10 @@ class UpstreamConnectError(UpstreamError):
     pass
 
 
+class UpstreamTimeout(UpstreamError):
+    pass
+
+
 class UpstreamDisconnected(UpstreamError):
     def __init__(self, got_bytes: bool) -> None:
         super().__init__("the backend closed the connection" + (" mid-answer" if got_bytes else ""))
@@ -108,6 +112,9 @@ class _Connection(asyncio.Protocol):
         self.transport.write(data)
         return self._waiter
 
+    def expire(self) -> None:
+        self._fail(UpstreamTimeout("the backend did not answer in time"))
+
     def _fail(self, exc: Exception) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(exc)
@@ -134,7 +141,8 @@ class Upstream:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            # The backend is an IP address: no DNS, so no resolver threads either.
+            connector=aiohttp.TCPConnector(limit=0, force_close=True, resolver=aiohttp.ThreadedResolver()),
             # sock_read: the longest silence allowed between two pieces of a stream.
             timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout,
                                           sock_read=self.stream_idle_timeout),
@@ -185,27 +193,35 @@ class Upstream:
         if len(self._idle) > MAX_IDLE:
             self._idle.pop(0).close()
 
-    async def _exchange(self, conn: _Connection, data: bytes) -> Reply:
+    async def _exchange(self, conn: _Connection, data: bytes, deadline: float | None) -> Reply:
+        waiter = conn.send(data)
+        # A timer that fails the waiter is far cheaper than asyncio.timeout() on this path.
+        timer = None if deadline is None else conn.loop.call_at(deadline, conn.expire)
         try:
-            reply = await conn.send(data)
+            reply = await waiter
         except BaseException:
-            conn.close()  # cancelled or failed mid-request: never reuse a connection that is out of step
+            conn.close()  # cancelled, failed or timed out mid-request: never reuse a connection out of step
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         self._release(conn)
         return reply
 
     async def fetch(
-        self, method: str, path: str, *, body: bytes | None = None, headers: dict[str, str] | None = None
+        self, method: str, path: str, *, body: bytes | None = None, headers: dict[str, str] | None = None,
+        timeout: float | None = None,
     ) -> Reply:
-        """Send one request and read the whole answer."""
+        """Send one request and read the whole answer; UpstreamTimeout after `timeout` seconds."""
         data = self._render(method, path, body, headers)
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         conn, reused = await self._acquire()
         try:
-            return await self._exchange(conn, data)
+            return await self._exchange(conn, data, deadline)
         except UpstreamDisconnected as exc:
             if not reused or exc.got_bytes:
                 raise
-        return await self._exchange(await self._connect(), data)
+        return await self._exchange(await self._connect(), data, deadline)
 
     # --- server-sent events: aiohttp, one connection per stream ----------------------------------------
 

@@ -4,7 +4,10 @@ import re
 
 import pytest
 
-from gateway.requestid import HEADER, MAX_LENGTH, new_request_id, request_id
+from gateway.requestid import HEADER, MAX_LENGTH, RequestIds
+
+request_id = RequestIds()
+new_request_id = request_id.new
 
 GENERATED = re.compile(r"[0-9a-f]{24}")
 
