@@ -43,9 +43,11 @@ from harness import (
     ROOT,
     Processes,
     ensure_free,
+    git_commit,
     machine,
     median,
     percentile,
+    require_files,
     require_project_venv,
     tail,
     venv_env,
@@ -60,18 +62,6 @@ CLIENT_KEY = "sk-bench-client-0123456789abcdef"
 NAMES = ("A", "B")
 OLD_DEFAULTS = {"PARALLEL": "1", "MAX_CONCURRENT_REQUESTS": "1"}  # B: the old project's defaults
 SLOT_LINE = re.compile(r"n_slots|n_ctx_slot|n_ctx_seq|--parallel|n_parallel")
-
-
-def git_commit() -> str:
-    """The commit the gateway ran from, with '+dirty' when gateway/ or lifecycle/ differ from it."""
-    import subprocess
-
-    def git(*cmd: str) -> str:
-        out = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=False)
-        return out.stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--", "gateway", "lifecycle") else "")
 
 
 async def measure(targets: list[Target], args: argparse.Namespace) -> tuple[list[Batch], int]:
@@ -162,9 +152,7 @@ def main() -> int:
     p.add_argument("--port-base", type=int, default=19800, help="uses this port + 1..6 on 127.0.0.1")
     args = p.parse_args()
     require_project_venv()
-    for path, what in ((args.llama_server, "llama-server"), (args.model, "model")):
-        if not path.is_file():
-            raise SystemExit(f"{what} not found at {path}: run `make llama-server model` first")
+    require_files((args.llama_server, "llama-server"), (args.model, "model"))
 
     base = args.port_base
     ports = {name: (base + 1 + 3 * i, base + 2 + 3 * i, base + 3 + 3 * i) for i, name in enumerate(NAMES)}

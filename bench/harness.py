@@ -218,3 +218,20 @@ def write_json(name: str, data: object) -> Path:
     path = OUT / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def git_commit() -> str:
+    """The commit the gateway ran from, with '+dirty' when gateway/ or lifecycle/ differ from it."""
+
+    def git(*cmd: str) -> str:
+        out = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=False)
+        return out.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--", "gateway", "lifecycle") else "")
+
+
+def require_files(*pairs: tuple[Path, str]) -> None:
+    for path, what in pairs:
+        if not path.is_file():
+            raise SystemExit(f"{what} not found at {path}: run `make llama-server model` first")

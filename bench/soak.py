@@ -62,6 +62,7 @@ from harness import (
     Child,
     Processes,
     ensure_free,
+    git_commit,
     http_status,
     machine,
     median,
@@ -110,17 +111,6 @@ class Pass:
     rss_idle_after_kb: int | None = None
     hwm_kb: int | None = None
     cpu_s: float | None = None
-
-
-def git_commit() -> str:
-    """The commit the gateway ran from, with '+dirty' when gateway/ or lifecycle/ differ from it."""
-
-    def git(*cmd: str) -> str:
-        out = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=False)
-        return out.stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--", "gateway", "lifecycle") else "")
 
 
 def is_stream(i: int, pct: int) -> bool:

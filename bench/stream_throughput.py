@@ -47,6 +47,7 @@ from harness import (
     machine,
     median,
     percentile,
+    require_files,
     require_project_venv,
     venv_env,
     wait_ready,
@@ -251,9 +252,7 @@ def main() -> int:
     p.add_argument("--port-base", type=int, default=19500, help="uses this port + 1..4 on 127.0.0.1")
     args = p.parse_args()
     require_project_venv()
-    for path, what in ((args.llama_server, "llama-server"), (args.model, "model")):
-        if not path.is_file():
-            raise SystemExit(f"{what} not found at {path}: run `make llama-server model` first")
+    require_files((args.llama_server, "llama-server"), (args.model, "model"))
 
     from lifecycle.settings import Settings
     from lifecycle.supervisor import backend_command
