@@ -115,8 +115,9 @@ def test_openai_route_stream_is_raw_sse(api: str) -> None:
 
 
 def test_run_then_stream_returns_chunks(api: str) -> None:
-    job = requests.post(f"{api}/run", json={"input": {"messages": CHAT, "stream": True,
-                                                      "sampling_params": {"max_tokens": 16}}}, timeout=30).json()
+    params = {"max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    job = requests.post(f"{api}/run", json={"input": {"messages": CHAT, "stream": True, "sampling_params": params}},
+                        timeout=30).json()
     streamed = requests.post(f"{api}/stream/{job['id']}", timeout=120).json()
     assert streamed["status"] == "COMPLETED"
     chunks = [item["output"] for item in streamed["stream"]]
