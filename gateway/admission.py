@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 
 class QueueFull(Exception):
@@ -70,10 +68,3 @@ class Admission:
                 return
         self.active -= 1
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[float]:
-        waited = await self.acquire()
-        try:
-            yield waited
-        finally:
-            self.release()

@@ -56,7 +56,9 @@ async def metrics(request: web.Request) -> web.Response:
         data["backend_ready"] = int(backend.ready)
         data["backend_restarts"] = backend.restarts
         return web.json_response(metrics.json_snapshot(data))
+    # Both gauges are read off the admission gate at scrape time rather than kept up to date per request.
     metrics.set_queue_depth(app[ADMISSION].depth)
+    metrics.set_in_flight(app[ADMISSION].active)
     backend_text = await _backend_metrics(request) if backend.ready else ""
     body, content_type = await asyncio.to_thread(metrics.render, accept, backend_text, fmt == "openmetrics")
     return web.Response(body=body, headers={"Content-Type": content_type})

@@ -213,11 +213,8 @@ class Metrics:
     def set_queue_depth(self, n: int) -> None:
         self.queue_depth.set(n)
 
-    def inc_in_flight(self) -> None:
-        self.in_flight.inc()
-
-    def dec_in_flight(self) -> None:
-        self.in_flight.dec()
+    def set_in_flight(self, n: int) -> None:
+        self.in_flight.set(n)
 
     def set_backend_source(self, source: BackendSource) -> None:
         """`source()` -> (up, ready, restarts), called at scrape time: lambda: (sup.up, sup.ready, sup.restarts)."""

@@ -101,7 +101,6 @@ async def proxy_json(request: web.Request) -> web.StreamResponse:
         return error_response(503, "no backend slot became free in time; retry shortly", "queue_timeout",
                               headers=retry_after)
     metrics.observe_queue_wait(waited)
-    metrics.inc_in_flight()
     headers = {**JSON_HEADERS, "X-Request-ID": request[REQUEST_ID]}
     try:
         if parsed.get("stream") is True:
@@ -111,7 +110,6 @@ async def proxy_json(request: web.Request) -> web.StreamResponse:
             _count_tokens(request, usage_from_json(response.body))
         return response
     finally:
-        metrics.dec_in_flight()
         admission.release()
 
 

@@ -20,7 +20,6 @@ class Stats:
     requests_success: int = 0
     requests_error: int = 0
     requests_active: int = 0
-    queue_depth: int = 0
     queue_rejections: int = 0
 
     def begin(self) -> None:
@@ -40,7 +39,6 @@ class Stats:
             "requests_success": self.requests_success,
             "requests_error": self.requests_error,
             "requests_active": self.requests_active,
-            "queue_depth": self.queue_depth,
             "queue_rejections": self.queue_rejections,
             "uptime_seconds": round(time.monotonic() - self.started, 3),
         }

@@ -27,7 +27,6 @@ from lifecycle.upstream import Reply, Upstream, UpstreamError
 
 log = logging.getLogger("handler")
 
-DONE_EVENT = b"data: [DONE]"
 
 
 async def sse_batches(resp: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:

@@ -7,7 +7,6 @@ import logging.handlers
 import queue
 import sys
 import time
-from pathlib import Path
 
 from lifecycle.settings import Settings
 from lifecycle.supervisor import instance_id
@@ -40,6 +39,3 @@ def setup_logging(settings: Settings, level: int = logging.INFO) -> logging.hand
     listener.start()
     return listener
 
-
-def boot_log_files(settings: Settings) -> list[Path]:
-    return sorted(settings.boot_log_dir.glob("*_boot_*.log"))

@@ -152,3 +152,17 @@ def test_text_access_log(gateway: Gateway) -> None:
         time.sleep(0.1)
     (line,) = lines
     assert "GET /v1/models 200" in line and "anonymous" in line
+
+
+def test_in_flight_and_queue_gauges_follow_the_gate(observed: Gateway) -> None:
+    body = {"model": "any", "prompt": "Tell a long story:", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with requests.post(f"{observed.url}/v1/completions", json=body, stream=True, timeout=60,
+                       headers={"Authorization": f"Bearer {KEY}"}) as resp:
+        lines = resp.iter_lines()  # kept alive: dropping the generator closes the connection, ending the stream
+        assert next(line for line in lines if line).startswith(b"data: ")
+        during = scrape(observed)
+        rest = [line for line in lines if line]
+    assert rest[-1] == b"data: [DONE]"
+    assert value(during, "gateway_requests_in_flight") == 1
+    assert value(during, "gateway_queue_depth") == 0
+    assert value(scrape(observed), "gateway_requests_in_flight") == 0
