@@ -240,6 +240,7 @@ class Supervisor:
             code = await self._proc.wait()
             if self.state in (BackendState.STOPPING, BackendState.STOPPED):
                 return
+            self.state = BackendState.RESTARTING  # at once: /health must not say ready while the log is read
             await self._record_exit(f"llama-server exited unexpectedly with code {code}")
             now = self.clock()
             self._crashes.append(now)
