@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import IO
 
@@ -42,9 +43,14 @@ class AccessRecord:
     completion_tokens: int | None = None
 
 
+@lru_cache(maxsize=4)
+def _second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 def _timestamp(t: float) -> str:
-    millis = int(t * 1000) % 1000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{millis:03d}Z"
+    second, millis = divmod(int(t * 1000), 1000)
+    return f"{_second(second)}.{millis:03d}Z"  # strftime once per second, not once per line
 
 
 def _path(path: str) -> str:
@@ -101,6 +107,15 @@ class _RotatingFile:
             self.rotate()
         self.stream.write(data)
         self.size += len(data)
+
+    def write_lines(self, lines: list[str]) -> None:
+        data = "".join(lines).encode("utf-8", "backslashreplace")
+        if self.max_bytes <= 0 or self.size + len(data) <= self.max_bytes:
+            self.stream.write(data)  # the usual case: the whole batch in one go
+            self.size += len(data)
+            return
+        for line in lines:  # line by line, so rotation happens at the cap
+            self.write(line.encode("utf-8", "backslashreplace"))
 
     def rotate(self) -> None:
         self.stream.close()
@@ -184,8 +199,7 @@ class AccessLog:
             if not lines:
                 continue
             try:
-                for line in lines:  # line by line, so rotation happens at the cap
-                    self._file.write(line.encode("utf-8", "backslashreplace"))
+                self._file.write_lines(lines)
                 self._file.flush()
                 failed = False
             except (OSError, ValueError) as exc:

@@ -1,8 +1,8 @@
 """The gateway application: middlewares, routes, and the lifetime of what the app owns.
 
 One middleware runs the steps in data-flow order: request limits -> CORS preflight -> auth and rate limits -> route,
-with aiohttp's own HTTP errors turned into OpenAI-shaped JSON and API requests counted. CORS and rate-limit headers
-are added to every response, streams included, in `on_response_prepare`, just before the headers go out.
+with aiohttp's own HTTP errors turned into OpenAI-shaped JSON and API requests counted. Request-id, CORS and
+rate-limit headers are added to every answer, streams included, by gateway.decorate just before the headers go out.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from gateway.appkeys import (
     REJECTED,
     REQUEST_ID,
     REQUEST_IDS,
+    SENT_STATUS,
     SETTINGS,
     STARTED,
     STATS,
@@ -44,9 +45,10 @@ from gateway.appkeys import (
 )
 from gateway.auth import KeyStore, bearer_token, utcnow
 from gateway.cors import Cors
+from gateway.decorate import decorate
 from gateway.errors import error_response
 from gateway.metrics import Metrics
-from gateway.ratelimit import Decision, SlidingWindow
+from gateway.ratelimit import SlidingWindow
 from gateway.requestid import HEADER as REQUEST_ID_HEADER
 from gateway.requestid import RequestIds
 from gateway.stats import Drain, Stats
@@ -59,7 +61,6 @@ log = logging.getLogger("gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_REQUEST_LINE = 8192
 PROBES = frozenset({"/ping", "/health", "/metrics"})
-SENT_STATUS = "sent_status"
 
 
 def check_limits(request: web.Request, settings: Settings) -> web.Response | None:
@@ -185,6 +186,8 @@ async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamR
                     raise
                 response = http_error(request, exc)
         status = response.status
+        if not response.prepared:  # streams were decorated by the proxy before their headers went out
+            decorate(request, response)
         return response
     finally:
         # A handler cancelled after its answer started (the client left, or closed a finished stream early)
@@ -212,19 +215,6 @@ def _observe(request: web.Request, status: int, duration: float) -> None:
             prompt_tokens=None if usage is None else usage[0],
             completion_tokens=None if usage is None else usage[1],
         ))
-
-
-async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    request[SENT_STATUS] = response.status
-    rid = request.get(REQUEST_ID)
-    if rid is not None:
-        response.headers[REQUEST_ID_HEADER] = rid
-    cors = request.app[CORS]
-    if cors.enabled:
-        cors.decorate(request, response)
-    decision: Decision | None = request.get(RATE)
-    if decision is not None:
-        response.headers.update(decision.headers())
 
 
 async def reload_keys(request: web.Request) -> web.Response:
@@ -324,7 +314,6 @@ def create_app(
     app.cleanup_ctx.append(_upstream_ctx)
     if settings.access_log:
         app.cleanup_ctx.append(_access_log_ctx)
-    app.on_response_prepare.append(_on_prepare)
     health.add_routes(app)
     proxy.add_routes(app, settings.passthrough_routes)
     app.router.add_post("/reload", reload_keys)

@@ -38,3 +38,4 @@ STARTED = "started"
 REJECTED = "rejected"
 TTFT = "ttft"
 USAGE = "usage"
+SENT_STATUS = "sent_status"  # the status whose headers went out (set by gateway.decorate)

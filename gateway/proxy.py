@@ -25,6 +25,7 @@ from gateway.appkeys import (
     UPSTREAM,
     USAGE,
 )
+from gateway.decorate import decorate
 from gateway.errors import error_response, sse_error_event
 from gateway.metrics import StreamTail, usage_from_json, usage_from_sse
 from lifecycle.upstream import UpstreamConnectError, UpstreamError, UpstreamTimeout
@@ -88,15 +89,14 @@ async def proxy_json(request: web.Request) -> web.StreamResponse:
     # Only now, with the whole body in hand, does the request wait for a backend slot.
     app = request.app
     admission, metrics = app[ADMISSION], app[METRICS]
-    retry_after = {"Retry-After": str(max(1, round(app[SETTINGS].queue_timeout / 4)))}
     try:
         waited = await admission.acquire()
-    except QueueFull:
+    except (QueueFull, QueueTimeout) as exc:
         app[STATS].queue_rejections += 1
-        request[REJECTED] = "queue_full"
-        return error_response(503, "the request queue is full; retry shortly", "queue_full", headers=retry_after)
-    except QueueTimeout:
-        app[STATS].queue_rejections += 1
+        retry_after = {"Retry-After": str(max(1, round(app[SETTINGS].queue_timeout / 4)))}
+        if isinstance(exc, QueueFull):
+            request[REJECTED] = "queue_full"
+            return error_response(503, "the request queue is full; retry shortly", "queue_full", headers=retry_after)
         request[REJECTED] = "queue_timeout"
         return error_response(503, "no backend slot became free in time; retry shortly", "queue_timeout",
                               headers=retry_after)
@@ -161,6 +161,7 @@ async def _stream(request: web.Request, body: bytes, headers: dict[str, str]) ->
 
 async def _pass_events(request: web.Request, resp: aiohttp.ClientResponse) -> web.StreamResponse:
     out = web.StreamResponse(status=resp.status, headers=_SSE_HEADERS)
+    decorate(request, out)
     await out.prepare(request)
     tail = StreamTail()  # the last few KB, where llama-server puts usage and timings
     try:

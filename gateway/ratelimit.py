@@ -9,27 +9,37 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, MutableMapping
 
 
-@dataclass(frozen=True, slots=True)
 class Decision:
-    allowed: bool
-    limit: int
-    remaining: int
-    reset: float  # seconds until the window has room for `limit` again
-    retry_after: int  # whole seconds until a request would pass (0 when allowed)
+    """The outcome of one check: allowed, and the numbers behind the X-RateLimit-* headers.
+
+    A plain slotted class rather than a frozen dataclass: one is made per request, and a frozen dataclass's
+    __init__ costs several times as much.
+    """
+
+    __slots__ = ("allowed", "limit", "remaining", "reset", "retry_after")
+
+    def __init__(self, allowed: bool, limit: int, remaining: int, reset: float, retry_after: int) -> None:
+        self.allowed = allowed
+        self.limit = limit
+        self.remaining = remaining
+        self.reset = reset  # seconds until the window has room for `limit` again
+        self.retry_after = retry_after  # whole seconds until a request would pass (0 when allowed)
 
     def headers(self) -> dict[str, str]:
-        headers = {
-            "X-RateLimit-Limit": str(self.limit),
-            "X-RateLimit-Remaining": str(self.remaining),
-            "X-RateLimit-Reset": str(math.ceil(self.reset)),
-        }
+        headers: dict[str, str] = {}
+        self.apply(headers)
+        return headers
+
+    def apply(self, headers: MutableMapping[str, str]) -> None:
+        """Set the rate-limit headers (and Retry-After when refused) on `headers`."""
+        headers["X-RateLimit-Limit"] = str(self.limit)
+        headers["X-RateLimit-Remaining"] = str(self.remaining)
+        headers["X-RateLimit-Reset"] = str(math.ceil(self.reset))
         if not self.allowed:
             headers["Retry-After"] = str(self.retry_after)
-        return headers
 
 
 _FREE = Decision(True, 0, 0, 0.0, 0)

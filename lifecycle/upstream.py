@@ -167,8 +167,7 @@ class Upstream:
             return (head + "\r\n").encode("latin-1")
         return (head + f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
 
-    async def _connect(self) -> _Connection:
-        loop = asyncio.get_running_loop()
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(lambda: _Connection(loop), self.host, self.port)
@@ -176,19 +175,18 @@ class Upstream:
             raise UpstreamConnectError(f"cannot connect to the backend at {self.host}:{self.port}: {exc}") from None
         return conn
 
-    async def _acquire(self) -> tuple[_Connection, bool]:
-        now = asyncio.get_running_loop().time()
+    async def _acquire(self, loop: asyncio.AbstractEventLoop, now: float) -> tuple[_Connection, bool]:
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed and now - conn.idle_since < KEEPALIVE_TIMEOUT:
                 return conn, True
             conn.close()
-        return await self._connect(), False
+        return await self._connect(loop), False
 
     def _release(self, conn: _Connection) -> None:
         if conn.closed:
             return
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = conn.loop.time()
         self._idle.append(conn)
         if len(self._idle) > MAX_IDLE:
             self._idle.pop(0).close()
@@ -214,14 +212,16 @@ class Upstream:
     ) -> Reply:
         """Send one request and read the whole answer; UpstreamTimeout after `timeout` seconds."""
         data = self._render(method, path, body, headers)
-        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-        conn, reused = await self._acquire()
+        loop = asyncio.get_running_loop()  # once: each call is a getpid() system call
+        now = loop.time()
+        deadline = None if timeout is None else now + timeout
+        conn, reused = await self._acquire(loop, now)
         try:
             return await self._exchange(conn, data, deadline)
         except UpstreamDisconnected as exc:
             if not reused or exc.got_bytes:
                 raise
-        return await self._exchange(await self._connect(), data, deadline)
+        return await self._exchange(await self._connect(loop), data, deadline)
 
     # --- server-sent events: aiohttp, one connection per stream ----------------------------------------
 
