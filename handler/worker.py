@@ -23,9 +23,11 @@ import aiohttp
 from handler.jobs import BackendCall, JobInputError, parse_job_input
 from lifecycle.settings import Settings
 from lifecycle.supervisor import Supervisor
-from lifecycle.upstream import Reply, Upstream, UpstreamError
+from lifecycle.upstream import Reply, Upstream, UpstreamConnectError, UpstreamError
 
 log = logging.getLogger("handler")
+
+RETRY_PAUSE = 0.25  # seconds between attempts to reach a backend that is restarting
 
 
 
@@ -96,11 +98,11 @@ class JobHandler:
             self._upstreams[loop] = upstream
         return upstream
 
-    async def _backend_ready(self) -> bool:
-        """A job arriving while the backend (re)starts waits for it, but only so long."""
-        deadline = asyncio.get_running_loop().time() + self.backend_wait
+    async def _backend_ready(self, deadline: float) -> bool:
+        """A job arriving while the backend (re)starts waits for it, but only until `deadline` (loop time)."""
+        loop = asyncio.get_running_loop()
         while not self.backend.ready:
-            if asyncio.get_running_loop().time() >= deadline:
+            if loop.time() >= deadline:
                 return False
             await asyncio.sleep(0.1)
         return True
@@ -113,30 +115,51 @@ class JobHandler:
             log.info("job %s rejected: %s", job_id, exc)
             yield {"error": str(exc)}
             return
-        if not await self._backend_ready():
-            yield {"error": f"the model backend is {self.backend.state.value} and did not become ready within "
-                            f"{self.backend_wait:g}s; retry the job"}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.backend_wait
+        if not await self._backend_ready(deadline):
+            yield {"error": self._not_ready()}
             return
         upstream = await self._upstream()
         body = json.dumps(call.body).encode() if call.body is not None else None
         headers = {"Content-Type": "application/json"} if body is not None else None
-        try:
-            if not call.stream:
-                reply = await upstream.fetch(call.method, call.path, body=body, headers=headers)
-                yield self._whole(call, reply)
-                return
-            resp = await upstream.stream(call.method, call.path, body=body, headers=headers)
-        except (UpstreamError, aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("job %s: backend request failed: %s", job_id, exc)
-            yield {"error": "the model backend did not answer"}
-            return
-        async with resp:
+        while True:
             try:
-                async for item in self._events(call, resp):
+                if not call.stream:
+                    answer: Reply | aiohttp.ClientResponse = await upstream.fetch(
+                        call.method, call.path, body=body, headers=headers)
+                else:
+                    answer = await upstream.stream(call.method, call.path, body=body, headers=headers)
+                break
+            except (UpstreamConnectError, aiohttp.ClientConnectorError) as exc:
+                # Nothing reached the backend: it died and is being restarted (the supervisor may not have seen
+                # the exit yet). Sending again is safe; wait for it within BACKEND_WAIT, like a job that arrives
+                # during the restart.
+                log.info("job %s: backend not reachable (%s); waiting for it", job_id, exc)
+                if loop.time() + RETRY_PAUSE < deadline:
+                    await asyncio.sleep(RETRY_PAUSE)
+                    if await self._backend_ready(deadline):
+                        continue
+                yield {"error": self._not_ready()}
+                return
+            except (UpstreamError, aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("job %s: backend request failed: %s", job_id, exc)
+                yield {"error": "the model backend did not answer"}
+                return
+        if isinstance(answer, Reply):
+            yield self._whole(call, answer)
+            return
+        async with answer:
+            try:
+                async for item in self._events(call, answer):
                     yield item
             except (aiohttp.ClientError, TimeoutError) as exc:
                 log.warning("job %s: backend broke off: %s", job_id, exc.__class__.__name__)
                 yield {"error": "the model backend broke off its answer"}
+
+    def _not_ready(self) -> str:
+        return (f"the model backend is {self.backend.state.value} and did not become ready within "
+                f"{self.backend_wait:g}s; retry the job")
 
     @staticmethod
     def _whole(call: BackendCall, reply: Reply) -> Any:

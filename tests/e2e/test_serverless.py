@@ -54,19 +54,35 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     data_dir = tmp_path_factory.mktemp("handler-api")
     port = free_port()
     proc = start_handler(data_dir, ["--rp_serve_api", "--rp_api_port", str(port)], handler_env(data_dir))
+    url = wait_api(proc, port, data_dir)
+    yield url
+    stop(proc)
+    assert "cold start: llama-server ready" in (data_dir / "handler.out").read_text()
+
+
+def wait_api(proc: subprocess.Popen[bytes], port: int, data_dir: Path) -> str:
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
         assert proc.poll() is None, (data_dir / "handler.out").read_text()
         try:
             requests.get(url + "/", timeout=2)
-            break
+            return url
         except requests.ConnectionError:
             assert time.monotonic() < deadline, "API server did not come up"
             time.sleep(0.2)
-    yield url
-    stop(proc)
-    assert "cold start: llama-server ready" in (data_dir / "handler.out").read_text()
+
+
+def backend_of(proc: subprocess.Popen[bytes], timeout: float = 60) -> int:
+    """The pid of the handler's llama-server."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [p for p in children_of(proc.pid)
+                 if "llama-server" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, "no llama-server child"
+        time.sleep(0.1)
 
 
 def runsync(api: str, job_input: dict) -> dict:
@@ -216,16 +232,33 @@ def test_local_test_with_bad_input_exits_nonzero(tmp_path: Path) -> None:
 
 def test_handler_leaves_no_backend_behind(tmp_path: Path) -> None:
     proc = start_handler(tmp_path, ["--rp_serve_api", "--rp_api_port", str(free_port())], handler_env(tmp_path))
-    deadline = time.monotonic() + 60
-    backend: list[int] = []
-    while not backend and time.monotonic() < deadline:
-        backend = [p for p in children_of(proc.pid)
-                   if "llama-server" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
-        time.sleep(0.1)
-    assert backend
+    backend = backend_of(proc)
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 10
-    while pid_alive(backend[0]) and time.monotonic() < deadline:
+    while pid_alive(backend) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not pid_alive(backend[0])
+    assert not pid_alive(backend)
+
+
+def test_jobs_sent_while_the_backend_restarts_wait_for_it(tmp_path: Path) -> None:
+    """llama-server dies; jobs sent at once (before or after the supervisor notices) wait for the restart."""
+    port = free_port()
+    proc = start_handler(tmp_path, ["--rp_serve_api", "--rp_api_port", str(port)],
+                         handler_env(tmp_path, BACKEND_RESTART_DELAY="0.5"))
+    try:
+        url = wait_api(proc, port, tmp_path)
+        backend = backend_of(proc)
+        job = {"prompt": "Hi", "sampling_params": {"max_tokens": 4, "temperature": 0}}
+        assert runsync(url, job)["status"] == "COMPLETED"
+        os.kill(backend, signal.SIGKILL)
+        result = runsync(url, job)
+        assert result["status"] == "COMPLETED", result
+        (output,) = result["output"]
+        assert output["usage"]["completion_tokens"] > 0
+        streamed = runsync(url, {**job, "stream": True})
+        assert streamed["status"] == "COMPLETED" and "".join(streamed["output"]).strip(), streamed
+        assert not pid_alive(backend) and backend_of(proc) != backend
+        assert "llama-server restarted" in (tmp_path / "handler.out").read_text()
+    finally:
+        stop(proc)
