@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+from types import FrameType
 
 from handler.worker import JobHandler, collect
 from lifecycle.background import BackgroundBackend
@@ -26,6 +28,12 @@ log = logging.getLogger("handler")
 def _local_test_mode(env: dict[str, str], argv: list[str]) -> bool:
     serving = any(arg.startswith("--rp_serve_api") for arg in argv) or env.get("RUNPOD_REALTIME_PORT")
     return not env.get("RUNPOD_WEBHOOK_GET_JOB") and not serving
+
+
+def _on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    # The SDK installs its own SIGTERM handling once its worker loop or API server runs; until then (and after they
+    # hand the signal back) a SIGTERM ends main() through SystemExit, so the backend is stopped and the logs flushed.
+    raise SystemExit(128 + signum)
 
 
 def main() -> int:
@@ -49,6 +57,7 @@ def main() -> int:
         handler = JobHandler(settings, backend.supervisor)
         local = _local_test_mode(dict(os.environ), sys.argv[1:])
         slots = settings.parallel
+        signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             runpod.serverless.start({
                 "handler": collect(handler.run) if local else handler.run,
@@ -56,9 +65,10 @@ def main() -> int:
                 # Constant on purpose: the SDK only resizes once no job is in flight.
                 "concurrency_modifier": lambda _current: slots,
             })
+            code = 0
         except SystemExit as exc:
-            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        return 1 if backend.failed else 0
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return 1 if backend.failed else code
     finally:
         backend.stop()
         listener.stop()

@@ -262,3 +262,25 @@ def test_jobs_sent_while_the_backend_restarts_wait_for_it(tmp_path: Path) -> Non
         assert "llama-server restarted" in (tmp_path / "handler.out").read_text()
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize("mode", ["api", "queue"])
+@pytest.mark.parametrize("crash_after", ["0.3", "1.5"])  # before and after the SDK has set up its own signals
+def test_crash_loop_stops_the_worker_for_the_platform(tmp_path: Path, mode: str, crash_after: str) -> None:
+    """BACKEND_CRASH_LOOP=exit (the default): after the crash loop the worker exits 1 so RunPod replaces it."""
+    fake = ROOT / "tests" / "fakes" / "fake_llama_server.py"
+    queue = FakeRunPodQueue().start() if mode == "queue" else None
+    extra = queue.env() if queue else {}
+    env = handler_env(tmp_path, LLAMA_SERVER_BIN=str(fake), FAKE_MODE="crash_after_ready", FAKE_CRASH_AFTER=crash_after,
+                      BACKEND_RESTART_LIMIT="3", BACKEND_RESTART_DELAY="0.1", **extra)
+    args = ["--rp_serve_api", "--rp_api_port", str(free_port())] if mode == "api" else []
+    proc = start_handler(tmp_path, args, env)
+    try:
+        code = proc.wait(60)
+    finally:
+        stop(proc)
+        if queue:
+            queue.stop()
+    out = (tmp_path / "handler.out").read_text()
+    assert code == 1, out
+    assert "crash loop" in out and "stopping this worker" in out
