@@ -7,7 +7,6 @@ import json
 import logging
 import time
 
-import aiohttp
 from aiohttp import web
 
 from gateway.admission import QueueFull, QueueTimeout
@@ -28,7 +27,7 @@ from gateway.appkeys import (
 from gateway.decorate import decorate
 from gateway.errors import error_response, sse_error_event
 from gateway.metrics import StreamTail, usage_from_json, usage_from_sse
-from lifecycle.upstream import UpstreamConnectError, UpstreamError, UpstreamTimeout
+from lifecycle.upstream import Stream, UpstreamConnectError, UpstreamDisconnected, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("gateway.proxy")
 
@@ -55,10 +54,14 @@ def _unavailable(request: web.Request) -> web.Response | None:
     )
 
 
-def _backend_failed(request: web.Request, method: str, exc: Exception) -> web.Response:
+async def _backend_failed(request: web.Request, method: str, exc: UpstreamError) -> web.Response:
+    """502, or 503 when the backend is restarting: nothing reached it (connect refused), or it died while the
+    request was on its way (dropped before any answer, and the llama-server process that is up now exits)."""
     log.warning("backend request %s %s failed: %s (request_id=%s)", method, request.path, exc, request[REQUEST_ID])
-    if isinstance(exc, UpstreamConnectError | aiohttp.ClientConnectorError):
-        # Nothing was sent: the backend is not accepting connections (it is restarting). Safe to retry.
+    backend = request.app[BACKEND]
+    if isinstance(exc, UpstreamConnectError) or (
+        isinstance(exc, UpstreamDisconnected) and not exc.got_bytes and await backend.gone(backend.pid)
+    ):
         return error_response(503, "the model backend is restarting; retry shortly", "backend_unavailable",
                               headers={"Retry-After": RETRY_AFTER_LOADING})
     return error_response(502, "the model backend did not answer", "backend_error")
@@ -137,29 +140,33 @@ async def _fetch(
                     request[REQUEST_ID])
         return error_response(504, f"the model backend did not answer within {timeout:g}s (REQUEST_TIMEOUT)")
     except UpstreamError as exc:
-        return _backend_failed(request, method, exc)
+        return await _backend_failed(request, method, exc)
     return web.Response(status=reply.status, body=reply.body,
                         headers={"Content-Type": reply.content_type or "application/json"})
 
 
 async def _stream(request: web.Request, body: bytes, headers: dict[str, str]) -> web.StreamResponse:
     try:
-        resp = await request.app[UPSTREAM].stream("POST", request.path, body=body, headers=headers)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return _backend_failed(request, "POST", exc)
+        resp = await request.app[UPSTREAM].open_stream("POST", request.path, body=body, headers=headers)
+    except UpstreamTimeout:
+        log.warning("backend stream %s did not start within STREAM_IDLE_TIMEOUT (request_id=%s)", request.path,
+                    request[REQUEST_ID])
+        return error_response(504, "the model backend did not start answering in time (STREAM_IDLE_TIMEOUT)")
+    except UpstreamError as exc:
+        return await _backend_failed(request, "POST", exc)
     async with resp:
-        if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+        if not resp.content_type.startswith("text/event-stream"):
             # llama-server refused before streaming (e.g. a prompt over the context): pass its answer on.
             try:
-                data = await resp.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                return _backend_failed(request, "POST", exc)
+                data = await resp.read_all()
+            except UpstreamError as exc:
+                return await _backend_failed(request, "POST", exc)
             return web.Response(status=resp.status, body=data,
-                                headers={"Content-Type": resp.headers.get("Content-Type", "application/json")})
+                                headers={"Content-Type": resp.content_type or "application/json"})
         return await _pass_events(request, resp)
 
 
-async def _pass_events(request: web.Request, resp: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _pass_events(request: web.Request, resp: Stream) -> web.StreamResponse:
     out = web.StreamResponse(status=resp.status, headers=_SSE_HEADERS)
     decorate(request, out)
     await out.prepare(request)
@@ -174,20 +181,18 @@ async def _pass_events(request: web.Request, resp: aiohttp.ClientResponse) -> we
     return out
 
 
-async def _relay(
-    request: web.Request, resp: aiohttp.ClientResponse, out: web.StreamResponse, tail: StreamTail
-) -> bool:
+async def _relay(request: web.Request, resp: Stream, out: web.StreamResponse, tail: StreamTail) -> bool:
     """Pass the backend's events on as they arrive; True when the client left."""
     first = True
     chunk = b"\n\n"
     while True:
         last = chunk
         try:
-            chunk = await resp.content.readany()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            chunk = await resp.read()
+        except UpstreamError as exc:
             # The status line is long gone: the failure is reported inside the stream.
-            timed_out = isinstance(exc, TimeoutError) or isinstance(exc.__cause__, TimeoutError)
-            log.warning("backend stream %s: %r (request_id=%s)", "went idle" if timed_out else "broke off", exc,
+            timed_out = isinstance(exc, UpstreamTimeout)
+            log.warning("backend stream %s: %s (request_id=%s)", "went idle" if timed_out else "broke off", exc,
                         request[REQUEST_ID])
             message = ("the model backend sent nothing for too long (STREAM_IDLE_TIMEOUT)" if timed_out
                        else "the model backend broke off the stream")

@@ -18,12 +18,10 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
-
 from handler.jobs import BackendCall, JobInputError, parse_job_input
 from lifecycle.settings import Settings
 from lifecycle.supervisor import Supervisor
-from lifecycle.upstream import Reply, Upstream, UpstreamConnectError, UpstreamError
+from lifecycle.upstream import Reply, Stream, Upstream, UpstreamConnectError, UpstreamDisconnected, UpstreamError
 
 log = logging.getLogger("handler")
 
@@ -31,10 +29,10 @@ RETRY_PAUSE = 0.25  # seconds between attempts to reach a backend that is restar
 
 
 
-async def sse_batches(resp: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
+async def sse_batches(resp: Stream) -> AsyncIterator[list[bytes]]:
     """The complete SSE events that have arrived, as a batch each time more bytes arrive."""
     buffer = b""
-    async for chunk in resp.content.iter_any():
+    while chunk := await resp.read():
         buffer += chunk.replace(b"\r\n", b"\n")
         *events, buffer = buffer.split(b"\n\n")
         events = [event for event in events if event.strip()]
@@ -124,28 +122,39 @@ class JobHandler:
         body = json.dumps(call.body).encode() if call.body is not None else None
         headers = {"Content-Type": "application/json"} if body is not None else None
         while True:
+            pid = self.backend.pid
             try:
                 if not call.stream:
-                    answer: Reply | aiohttp.ClientResponse = await upstream.fetch(
+                    answer: Reply | Stream = await upstream.fetch(
                         call.method, call.path, body=body, headers=headers)
                 else:
-                    answer = await upstream.stream(call.method, call.path, body=body, headers=headers)
+                    answer = await upstream.open_stream(call.method, call.path, body=body, headers=headers)
                 break
-            except (UpstreamConnectError, aiohttp.ClientConnectorError) as exc:
+            except UpstreamConnectError as exc:
                 # Nothing reached the backend: it died and is being restarted (the supervisor may not have seen
-                # the exit yet). Sending again is safe; wait for it within BACKEND_WAIT, like a job that arrives
-                # during the restart.
-                log.info("job %s: backend not reachable (%s); waiting for it", job_id, exc)
-                if loop.time() + RETRY_PAUSE < deadline:
-                    await asyncio.sleep(RETRY_PAUSE)
-                    if await self._backend_ready(deadline):
-                        continue
-                yield {"error": self._not_ready()}
-                return
-            except (UpstreamError, aiohttp.ClientError, TimeoutError) as exc:
+                # the exit yet). Sending again is safe.
+                reason = str(exc)
+            except UpstreamDisconnected as exc:
+                # The connection was dropped before any answer. If that was llama-server dying (a connection it
+                # had not yet accepted is reset when it exits), nobody got anything from it: send again once it is
+                # back. Otherwise the backend is up and misbehaving: do not send twice.
+                if exc.got_bytes or not await self.backend.gone(pid):
+                    log.warning("job %s: backend request failed: %s", job_id, exc)
+                    yield {"error": "the model backend did not answer"}
+                    return
+                reason = "the backend died while the job was being sent"
+            except UpstreamError as exc:
                 log.warning("job %s: backend request failed: %s", job_id, exc)
                 yield {"error": "the model backend did not answer"}
                 return
+            # Wait for the restart within BACKEND_WAIT_TIMEOUT, like a job that arrives during it.
+            log.info("job %s: backend not reachable (%s); waiting for it", job_id, reason)
+            if loop.time() + RETRY_PAUSE < deadline:
+                await asyncio.sleep(RETRY_PAUSE)
+                if await self._backend_ready(deadline):
+                    continue
+            yield {"error": self._not_ready()}
+            return
         if isinstance(answer, Reply):
             yield self._whole(call, answer)
             return
@@ -153,7 +162,7 @@ class JobHandler:
             try:
                 async for item in self._events(call, answer):
                     yield item
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except UpstreamError as exc:
                 log.warning("job %s: backend broke off: %s", job_id, exc.__class__.__name__)
                 yield {"error": "the model backend broke off its answer"}
 
@@ -168,9 +177,9 @@ class JobHandler:
         data = json.loads(reply.body)
         return native_result(data) if call.native else data
 
-    async def _events(self, call: BackendCall, resp: aiohttp.ClientResponse) -> AsyncIterator[Any]:
+    async def _events(self, call: BackendCall, resp: Stream) -> AsyncIterator[Any]:
         if resp.status >= 400:
-            yield {"error": _backend_error(resp.status, await resp.read())}
+            yield {"error": _backend_error(resp.status, await resp.read_all())}
             return
         async for events in sse_batches(resp):
             if not call.native:

@@ -148,6 +148,19 @@ class Supervisor:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc and self._proc.returncode is None else None
 
+    async def gone(self, pid: int | None, within: float = 2.0) -> bool:
+        """Whether the llama-server that had `pid` has exited, waiting up to `within` seconds for the supervisor
+        to notice (it does when it reaps the child). Safe to await from any event loop: it only reads state.
+
+        Callers use it to tell "the backend died under this request" from "the backend is up and dropped it"."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while pid is not None and self.pid == pid:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     @property
     def model_id(self) -> str | None:
         return self.model.name if self.model else None

@@ -1,11 +1,13 @@
 """The client to llama-server, shared by the gateway and the serverless handler.
 
-Two paths, because their costs differ:
-- `fetch()`, for whole (non-streaming) answers, is the hot path: a small keep-alive pool of asyncio protocols
-  whose responses are parsed by httptools (uvicorn's C parser). A request is one pre-rendered write and one
-  parsed read; aiohttp's general-purpose client cost 2.3x the CPU here (bench/RESULTS.md).
-- `stream()`, for server-sent events, uses aiohttp on a new connection each time: llama-server closes the
-  connection after every streamed answer anyway, so pooling them only produces dead connections.
+Both paths are asyncio protocols whose responses are parsed by httptools (uvicorn's C parser); with aiohttp's
+general-purpose client a whole answer cost 2.3x the CPU, and a short stream through the gateway about 1.9x
+(bench/RESULTS.md).
+- `fetch()`, for whole (non-streaming) answers: a small keep-alive pool. A request is one pre-rendered write and
+  one parsed read.
+- `open_stream()`, for server-sent events: a new connection each time, because llama-server closes the connection
+  after every streamed answer anyway, so pooling them only produces dead connections. The body is handed out piece
+  by piece as it arrives; closing the stream closes the connection, which makes llama-server stop generating.
 
 Stale connections: llama-server closes keep-alive connections after 5 s idle. The pool forgets idle connections
 sooner (KEEPALIVE_TIMEOUT), and if a request on a *reused* connection fails before any response byte arrives (the
@@ -17,15 +19,15 @@ backend may have read it, and a generation must never run twice.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import httptools
 
 KEEPALIVE_TIMEOUT = 3.0
 MAX_IDLE = 64
+STREAM_HIGH_WATER = 256 * 1024  # bytes buffered from a stream before we stop reading the socket
 
 
 class UpstreamError(Exception):
@@ -125,6 +127,140 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+class Stream(asyncio.Protocol):
+    """One streamed answer on its own connection. `Upstream.open_stream()` returns it once the status line and
+    headers are in; then `read()` hands out the body piece by piece, as it arrives.
+
+    Use it as an async context manager (or call close()): leaving early closes the connection, and llama-server
+    stops generating for a connection that is gone.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle_timeout: float | None) -> None:
+        self.loop = loop
+        self.idle_timeout = idle_timeout
+        self.status = 0
+        self.content_type = ""
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._pieces: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._done = False  # the whole body arrived
+        self._error: UpstreamError | None = None
+        self._got_body = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._head: asyncio.Future[None] = loop.create_future()
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._done and self._error is None:
+            self._error = UpstreamDisconnected(self._got_body or self._head.done())
+        self._wake()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._error = UpstreamError(f"unparseable answer from the backend: {exc}")
+            self.close()
+            self._wake()
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"content-type":
+            self.content_type = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        if not self._head.done():
+            self._head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self._got_body = True
+        self._pieces.append(body)
+        self._buffered += len(body)
+        if self._buffered > STREAM_HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True  # a slow client: let TCP push back on the backend instead of buffering here
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self._done = True
+        self.close()  # llama-server closes it too; nothing else will come on this connection
+        self._wake()
+
+    # the reading side
+    def _wake(self) -> None:
+        if not self._head.done():
+            self._head.set_exception(self._error or UpstreamDisconnected(False))
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _expire(self) -> None:
+        self._error = UpstreamTimeout(f"the backend sent nothing for {self.idle_timeout:g}s")
+        self.close()
+        self._wake()
+
+    async def _wait(self, what: asyncio.Future[None]) -> None:
+        timer = None if self.idle_timeout is None else self.loop.call_later(self.idle_timeout, self._expire)
+        try:
+            await what
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def head(self) -> None:
+        """Wait for the status line and headers (at most idle_timeout)."""
+        try:
+            await self._wait(self._head)
+        except BaseException:
+            self._head.cancel()  # nobody will look at it again (no "exception never retrieved" at exit)
+            self.close()
+            raise
+
+    async def read(self) -> bytes:
+        """Everything of the body that has arrived and not been read yet, waiting for more when nothing has;
+        b"" once the body is complete. Raises UpstreamTimeout when the backend sends nothing for idle_timeout
+        seconds, UpstreamDisconnected when it breaks off.
+
+        Pieces that arrived together are handed out together, so a caller that fell behind catches up with one
+        write instead of one per piece."""
+        while not self._pieces:
+            if self._done:
+                return b""
+            if self._error is not None:
+                raise self._error
+            self._waiter = self.loop.create_future()
+            await self._wait(self._waiter)
+        pieces = self._pieces
+        data = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        self._buffered = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def read_all(self) -> bytes:
+        pieces = []
+        while piece := await self.read():
+            pieces.append(piece)
+        return b"".join(pieces)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
 class Upstream:
     def __init__(
         self, base_url: str, api_key: str, *, connect_timeout: float = 10.0, stream_idle_timeout: float | None = None
@@ -137,25 +273,13 @@ class Upstream:
         self.stream_idle_timeout = stream_idle_timeout
         self._prefix = f"Host: {self.host}:{self.port}\r\nAuthorization: {self.auth}\r\n"
         self._idle: list[_Connection] = []
-        self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            # The backend is an IP address: no DNS, so no resolver threads either.
-            connector=aiohttp.TCPConnector(limit=0, force_close=True, resolver=aiohttp.ThreadedResolver()),
-            # sock_read: the longest silence allowed between two pieces of a stream.
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout,
-                                          sock_read=self.stream_idle_timeout),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        )
+        """Nothing to set up yet: connections are opened on first use. Kept so owners have one lifecycle."""
 
     async def close(self) -> None:
         while self._idle:
             self._idle.pop().close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     # --- whole answers: the pooled fast path -----------------------------------------------------------
 
@@ -223,13 +347,23 @@ class Upstream:
                 raise
         return await self._exchange(await self._connect(loop), data, deadline)
 
-    # --- server-sent events: aiohttp, one connection per stream ----------------------------------------
+    # --- server-sent events: one new connection per stream --------------------------------------------
 
-    async def stream(
-        self, method: str, path: str, *, body: bytes | None = None, headers: dict[str, str] | None = None,
-        **kwargs: Any,
-    ) -> aiohttp.ClientResponse:
-        """Send one request on a new connection; the caller reads and releases the response (`async with`)."""
-        assert self._session is not None, "Upstream.start() was not awaited"
-        sent = {"Authorization": self.auth, **(headers or {})}
-        return await self._session.request(method, self.base_url + path, data=body, headers=sent, **kwargs)
+    async def open_stream(
+        self, method: str, path: str, *, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> Stream:
+        """Send one request on a new connection and wait for the answer's headers (at most stream_idle_timeout).
+
+        Raises UpstreamConnectError when the backend cannot be reached (nothing was sent), UpstreamTimeout or
+        UpstreamDisconnected when it does not answer."""
+        loop = asyncio.get_running_loop()
+        stream = Stream(loop, self.stream_idle_timeout)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await loop.create_connection(lambda: stream, self.host, self.port)
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamConnectError(f"cannot connect to the backend at {self.host}:{self.port}: {exc}") from None
+        assert stream.transport is not None
+        stream.transport.write(self._render(method, path, body, headers))
+        await stream.head()
+        return stream

@@ -255,6 +255,7 @@ def test_jobs_sent_while_the_backend_restarts_wait_for_it(tmp_path: Path) -> Non
         result = runsync(url, job)
         assert result["status"] == "COMPLETED", result
         (output,) = result["output"]
+        assert "error" not in output, result
         assert output["usage"]["completion_tokens"] > 0
         streamed = runsync(url, {**job, "stream": True})
         assert streamed["status"] == "COMPLETED" and "".join(streamed["output"]).strip(), streamed

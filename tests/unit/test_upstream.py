@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 
 import pytest
 
-from lifecycle.upstream import Upstream, UpstreamConnectError, UpstreamDisconnected
+from lifecycle.upstream import Upstream, UpstreamConnectError, UpstreamDisconnected, UpstreamTimeout
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
 
@@ -168,3 +170,187 @@ def test_cancelled_request_closes_its_connection() -> None:
             server.close()
 
     asyncio.run(main())
+
+
+# --- streams -------------------------------------------------------------------------------------------------------
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class StreamServer:
+    """Answers one request with `script(writer)`, and records whether the client closed its side."""
+
+    def __init__(self, script) -> None:  # type: ignore[no-untyped-def]
+        self.script = script
+        self.requests: list[bytes] = []
+        self.client_closed = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        self.requests.append(head + await reader.readexactly(length))
+        script = asyncio.create_task(self.script(writer))
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the client closes its side
+        self.client_closed.set()
+        script.cancel()
+        writer.close()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+def test_stream_pieces_arrive_as_they_are_sent_and_end_cleanly() -> None:
+    async def script(writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + _chunk(b'data: {"n":1}\n\n'))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(_chunk(b'data: {"n":2}\n\n') + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        await writer.drain()
+
+    async def run() -> None:
+        server = StreamServer(script)
+        async with server as url:
+            up = Upstream(url, "sk-backend", stream_idle_timeout=5)
+            started = asyncio.get_running_loop().time()
+            async with await up.open_stream("POST", "/v1/completions", body=b"{}",
+                                            headers={"X-Request-ID": "r1"}) as stream:
+                assert stream.status == 200 and stream.content_type == "text/event-stream"
+                assert await stream.read() == b'data: {"n":1}\n\n'
+                assert asyncio.get_running_loop().time() - started < 0.15  # not held back until the end
+                rest = b""
+                while piece := await stream.read():
+                    rest += piece
+                assert rest == b'data: {"n":2}\n\ndata: [DONE]\n\n'
+                assert await stream.read() == b""
+            request = server.requests[0]
+            assert request.startswith(b"POST /v1/completions HTTP/1.1\r\n")
+            assert b"Authorization: Bearer sk-backend\r\n" in request and b"X-Request-ID: r1\r\n" in request
+            assert request.endswith(b"\r\n\r\n{}")
+
+    asyncio.run(run())
+
+
+def test_stream_that_goes_idle_times_out_and_closes_the_connection() -> None:
+    async def script(writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + _chunk(b"data: {}\n\n"))
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def run() -> None:
+        server = StreamServer(script)
+        async with server as url:
+            up = Upstream(url, "k", stream_idle_timeout=0.3)
+            stream = await up.open_stream("POST", "/v1/completions", body=b"{}")
+            assert await stream.read() == b"data: {}\n\n"
+            with pytest.raises(UpstreamTimeout):
+                await stream.read()
+            await asyncio.wait_for(server.client_closed.wait(), 2)  # the backend sees the connection go
+
+    asyncio.run(run())
+
+
+def test_stream_broken_off_mid_body_is_an_error_not_an_end() -> None:
+    async def script(writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + _chunk(b"data: {}\n\n"))
+        await writer.drain()
+        writer.transport.abort()
+
+    async def run() -> None:
+        async with StreamServer(script) as url:
+            stream = await Upstream(url, "k").open_stream("POST", "/v1/completions", body=b"{}")
+            assert await stream.read() == b"data: {}\n\n"
+            with pytest.raises(UpstreamDisconnected) as caught:
+                await stream.read()
+            assert caught.value.got_bytes
+
+    asyncio.run(run())
+
+
+def test_stream_closed_early_by_the_caller_closes_the_connection() -> None:
+    async def script(writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + _chunk(b"data: {}\n\n"))
+        await writer.drain()
+
+    async def run() -> None:
+        server = StreamServer(script)
+        async with server as url:
+            async with await Upstream(url, "k").open_stream("POST", "/v1/completions", body=b"{}") as stream:
+                assert await stream.read() == b"data: {}\n\n"
+            await asyncio.wait_for(server.client_closed.wait(), 2)
+
+    asyncio.run(run())
+
+
+def test_stream_refused_before_streaming_is_read_whole() -> None:
+    body = b'{"error":{"code":400,"message":"too long"}}'
+
+    async def script(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        await writer.drain()
+
+    async def run() -> None:
+        async with StreamServer(script) as url:
+            stream = await Upstream(url, "k").open_stream("POST", "/v1/completions", body=b"{}")
+            assert (stream.status, stream.content_type) == (400, "application/json")
+            assert await stream.read_all() == body
+            stream.close()
+
+    asyncio.run(run())
+
+
+def test_stream_to_a_backend_that_is_down_is_a_connect_error() -> None:
+    async def run() -> None:
+        with socket.socket() as sock:  # a port nobody listens on
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with pytest.raises(UpstreamConnectError):
+            await Upstream(f"http://127.0.0.1:{port}", "k").open_stream("POST", "/v1/completions", body=b"{}")
+
+    asyncio.run(run())
+
+
+def test_stream_whose_backend_never_answers_times_out() -> None:
+    async def script(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+
+    async def run() -> None:
+        async with StreamServer(script) as url:
+            with pytest.raises(UpstreamTimeout):
+                await Upstream(url, "k", stream_idle_timeout=0.3).open_stream("POST", "/v1/completions", body=b"{}")
+
+    asyncio.run(run())
+
+
+def test_stream_faster_than_its_reader_loses_nothing() -> None:
+    """A slow reader makes the client stop reading the socket (flow control); every byte still arrives, in order."""
+    events = [b"data: %d %s\n\n" % (i, b"x" * 1000) for i in range(2000)]  # about 2 MB, far past the high water
+
+    async def script(writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD)
+        for event in events:
+            writer.write(_chunk(event))
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async def run() -> None:
+        async with StreamServer(script) as url:
+            async with await Upstream(url, "k").open_stream("POST", "/v1/completions", body=b"{}") as stream:
+                await asyncio.sleep(0.3)  # let the backend get far ahead
+                got = b""
+                while piece := await stream.read():
+                    got += piece
+                    await asyncio.sleep(0)
+            assert got == b"".join(events)
+
+    asyncio.run(run())
