@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The gateway's own CPU time per request under wrk -t2 -c32, for in-place A/B of hot-path changes.
+# The gateway's own CPU time per request under wrk (-t2 -c32 by default), for in-place A/B of hot-path changes.
 #
 #   bench/cpu_per_request.sh PORT [ENV=VALUE ...]
 #   ROOTDIR=/path/to/patched/copy bench/cpu_per_request.sh PORT [ENV=VALUE ...]
@@ -9,6 +9,7 @@
 # then runs wrk twice for 3 s and prints req/s and the gateway's CPU time (user + system, all threads, from
 # /proc/<pid>/stat) divided by the requests served. CPU per request is far steadier than req/s on a shared machine;
 # alternate variants and repeat. Extra ENV=VALUE arguments override the gateway's settings (e.g. ACCESS_LOG=false).
+# STREAM=1 sends streamed requests ("stream": true) instead; CONNECTIONS (default 32) sets wrk's -c.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 ROOT=${ROOTDIR:-$HERE}
@@ -27,17 +28,20 @@ trap 'kill $G 2>/dev/null; wait $G 2>/dev/null; rm -rf "$T"' EXIT
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$B/ping" > /dev/null && break; sleep 0.2; done
 cat > "$T/post.lua" <<'LUA'
 wrk.method = "POST"
-wrk.body = '{"model":"any","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
+wrk.body = '{"model":"any","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16__STREAM__}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer sk-bench-client-0123456789abcdef"
 LUA
+if [ "${STREAM:-0}" = 1 ]; then sed -i 's/__STREAM__/,"stream":true/' "$T/post.lua"; else sed -i 's/__STREAM__//' "$T/post.lua"; fi
+C=${CONNECTIONS:-32}
+THREADS=$(( C < 2 ? C : 2 ))
 URL="http://127.0.0.1:$B/v1/chat/completions"
-wrk -t2 -c32 -d1s -s "$T/post.lua" "$URL" > /dev/null
+wrk -t$THREADS -c$C -d1s -s "$T/post.lua" "$URL" > /dev/null
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$G/stat"; }
 HZ=$(getconf CLK_TCK)
 for _ in 1 2; do
   c0=$(cpu_ticks)
-  out=$(wrk -t2 -c32 -d3s -s "$T/post.lua" "$URL")
+  out=$(wrk -t$THREADS -c$C -d3s -s "$T/post.lua" "$URL")
   c1=$(cpu_ticks)
   n=$(echo "$out" | grep -oE '[0-9]+ requests in' | cut -d' ' -f1)
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
