@@ -13,7 +13,21 @@ from lifecycle.upstream import Upstream, UpstreamConnectError, UpstreamDisconnec
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
 
 
-class RawServer:
+class Served:
+    """`async with Server(...) as url`: serves `self.handle` on a free port of 127.0.0.1."""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+class RawServer(Served):
     """Counts request arrivals; `drop(conn_index, request_index)` says which arrivals it closes unanswered."""
 
     def __init__(self, drop) -> None:  # type: ignore[no-untyped-def]
@@ -44,13 +58,6 @@ class RawServer:
                 index += 1
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
-
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.close()
 
 
 async def _post(up: Upstream) -> int:
@@ -181,7 +188,7 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-class StreamServer:
+class StreamServer(Served):
     """Answers one request with `script(writer)`, and records whether the client closed its side."""
 
     def __init__(self, script) -> None:  # type: ignore[no-untyped-def]
@@ -200,13 +207,6 @@ class StreamServer:
         self.client_closed.set()
         script.cancel()
         writer.close()
-
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.close()
 
 
 def test_stream_pieces_arrive_as_they_are_sent_and_end_cleanly() -> None:
