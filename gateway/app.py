@@ -185,6 +185,12 @@ async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamR
                 if exc.status < 400:
                     raise
                 response = http_error(request, exc)
+            except Exception:
+                if SENT_STATUS in request:  # a stream already under way: aiohttp can only drop the connection
+                    raise
+                log.exception("unexpected error on %s %s (request_id=%s)", request.method, request.path,
+                              request[REQUEST_ID])
+                response = error_response(500, "internal error in the gateway; see its log", "internal_error")
         status = response.status
         if not response.prepared:  # streams were decorated by the proxy before their headers went out
             decorate(request, response)

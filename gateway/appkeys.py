@@ -8,8 +8,8 @@ from gateway.accesslog import AccessLog
 from gateway.admission import Admission
 from gateway.auth import KeyStore
 from gateway.cors import Cors
-from gateway.metrics import Metrics
-from gateway.ratelimit import SlidingWindow
+from gateway.metrics import Metrics, Usage
+from gateway.ratelimit import Decision, SlidingWindow
 from gateway.requestid import RequestIds
 from gateway.stats import Drain, Stats
 from lifecycle.settings import Settings
@@ -30,12 +30,12 @@ METRICS = web.AppKey("metrics", Metrics)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 
-# Per-request values, set by the gate middleware and the proxy.
-KEY_ID = "key_id"
-RATE = "rate_decision"
-REQUEST_ID = "request_id"
-STARTED = "started"
-REJECTED = "rejected"
-TTFT = "ttft"
-USAGE = "usage"
-SENT_STATUS = "sent_status"  # the status whose headers went out (set by gateway.decorate)
+# Per-request values, set by the gate middleware and the proxy (typed keys: aiohttp warns about plain strings).
+KEY_ID = web.RequestKey("key_id", str)
+RATE = web.RequestKey("rate_decision", Decision)
+REQUEST_ID = web.RequestKey("request_id", str)
+STARTED = web.RequestKey("started", float)
+REJECTED = web.RequestKey("rejected", str)
+TTFT = web.RequestKey("ttft", float)
+USAGE = web.RequestKey("usage", Usage)
+SENT_STATUS = web.RequestKey("sent_status", int)  # the status whose headers went out (set by gateway.decorate)
