@@ -75,3 +75,13 @@ def test_bearer() -> None:
     assert bearer_token("bearer  sk-1 ") == "sk-1"
     assert bearer_token("sk-1") == "sk-1"
     assert bearer_token("") == ""
+
+
+def test_many_keys_and_a_key_listed_twice() -> None:
+    lines = [f"user{i}:sk-user-{i:06d}-abcdefghij" for i in range(1000)]
+    keys = ring("\n".join([*lines, "again:sk-user-000007-abcdefghij"]))
+    assert len(keys) == 1001
+    for i in (0, 7, 999):
+        found = keys.match(f"sk-user-{i:06d}-abcdefghij")
+        assert found is not None and found.key_id == f"user{i}"  # the first line with a key wins
+    assert keys.match("sk-user-001000-abcdefghij") is None
