@@ -19,7 +19,7 @@ from handler.worker import JobHandler, collect
 from lifecycle.background import BackgroundBackend
 from lifecycle.fetch import ProvisionError
 from lifecycle.logs import setup_logging
-from lifecycle.settings import BAD_SETTINGS_EXIT, load_settings
+from lifecycle.settings import BAD_SETTINGS_EXIT, Settings, load_settings
 from lifecycle.supervisor import BackendStartError
 
 log = logging.getLogger("handler")
@@ -42,36 +42,42 @@ def main() -> int:
         return BAD_SETTINGS_EXIT
     listener = setup_logging(settings)
     backend = BackgroundBackend(settings)
+    # From here on a SIGTERM (the platform stopping us, or our own after a crash loop) always ends in the finally
+    # below, also while llama-server loads or the SDK is imported.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         try:
-            cold_start = backend.start()
-        except (ProvisionError, BackendStartError) as exc:
-            log.error("%s", exc)
-            return 1
-        log.info("cold start: llama-server ready %.2fs after process start (model %s, %d slots)",
-                 cold_start, backend.supervisor.model_id, settings.parallel)
-        # The SDK reads its settings from the environment at import; it logs at DEBUG unless told otherwise.
-        os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
-        import runpod
-
-        handler = JobHandler(settings, backend.supervisor)
-        local = _local_test_mode(dict(os.environ), sys.argv[1:])
-        slots = settings.parallel
-        signal.signal(signal.SIGTERM, _on_sigterm)
-        try:
-            runpod.serverless.start({
-                "handler": collect(handler.run) if local else handler.run,
-                "return_aggregate_stream": True,
-                # Constant on purpose: the SDK only resizes once no job is in flight.
-                "concurrency_modifier": lambda _current: slots,
-            })
-            code = 0
+            code = _serve(settings, backend)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         return 1 if backend.failed else code
     finally:
         backend.stop()
         listener.stop()
+
+
+def _serve(settings: Settings, backend: BackgroundBackend) -> int:
+    try:
+        cold_start = backend.start()
+    except (ProvisionError, BackendStartError) as exc:
+        log.error("%s", exc)
+        return 1
+    log.info("cold start: llama-server ready %.2fs after process start (model %s, %d slots)",
+             cold_start, backend.supervisor.model_id, settings.parallel)
+    # The SDK reads its settings from the environment at import; it logs at DEBUG unless told otherwise.
+    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
+    import runpod
+
+    handler = JobHandler(settings, backend.supervisor)
+    local = _local_test_mode(dict(os.environ), sys.argv[1:])
+    slots = settings.parallel
+    runpod.serverless.start({
+        "handler": collect(handler.run) if local else handler.run,
+        "return_aggregate_stream": True,
+        # Constant on purpose: the SDK only resizes once no job is in flight.
+        "concurrency_modifier": lambda _current: slots,
+    })
+    return 0
 
 
 if __name__ == "__main__":
