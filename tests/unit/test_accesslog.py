@@ -111,28 +111,32 @@ def test_no_backups_starts_over(tmp_path: Path) -> None:
 def test_write_does_not_wait_for_the_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     log = AccessLog(tmp_path)
     gate = threading.Event()
-    real = log._file.write
+    real = log._file.write_lines
+    stuck = threading.Event()
 
-    def slow(data: bytes) -> None:
+    def slow(batch: list[str]) -> None:
+        stuck.set()
         gate.wait(10)  # the disk is stuck until the test lets it go
-        real(data)
+        real(batch)
 
-    monkeypatch.setattr(log._file, "write", slow)
+    monkeypatch.setattr(log._file, "write_lines", slow)
+    log.write(record())
+    assert stuck.wait(5)  # the writer thread is now blocked on the disk
     start = time.perf_counter()
     for _ in range(1000):
         log.write(record())
     assert time.perf_counter() - start < 0.5
     gate.set()
     log.close()  # flushes what was queued
-    assert len(lines(tmp_path / "access.log")) == 1000
+    assert len(lines(tmp_path / "access.log")) == 1001
 
 
 def test_a_full_queue_drops_instead_of_growing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(accesslog, "MAX_PENDING", 5)
     log = AccessLog(tmp_path)
     gate = threading.Event()
-    real = log._file.write
-    monkeypatch.setattr(log._file, "write", lambda data: (gate.wait(10), real(data)))
+    real = log._file.write_lines
+    monkeypatch.setattr(log._file, "write_lines", lambda batch: (gate.wait(10), real(batch)))
     for _ in range(50):
         log.write(record())
     assert log.dropped >= 40

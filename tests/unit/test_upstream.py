@@ -213,7 +213,7 @@ def test_stream_pieces_arrive_as_they_are_sent_and_end_cleanly() -> None:
     async def script(writer: asyncio.StreamWriter) -> None:
         writer.write(SSE_HEAD + _chunk(b'data: {"n":1}\n\n'))
         await writer.drain()
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)
         writer.write(_chunk(b'data: {"n":2}\n\n') + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
         await writer.drain()
 
@@ -226,7 +226,7 @@ def test_stream_pieces_arrive_as_they_are_sent_and_end_cleanly() -> None:
                                             headers={"X-Request-ID": "r1"}) as stream:
                 assert stream.status == 200 and stream.content_type == "text/event-stream"
                 assert await stream.read() == b'data: {"n":1}\n\n'
-                assert asyncio.get_running_loop().time() - started < 0.15  # not held back until the end
+                assert asyncio.get_running_loop().time() - started < 0.8  # not held back until the end
                 rest = b""
                 while piece := await stream.read():
                     rest += piece
