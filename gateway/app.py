@@ -18,11 +18,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway import health, proxy
-from gateway.accesslog import AccessLog, AccessRecord
+from gateway.accesslog import AccessLog
 from gateway.admission import Admission
 from gateway.appkeys import (
     ACCESS_LOG,
     ADMISSION,
+    ANSWER,
     BACKEND,
     CORS,
     DRAIN,
@@ -31,6 +32,7 @@ from gateway.appkeys import (
     KEYS,
     LIMITER,
     METRICS,
+    OBSERVER,
     RATE,
     REJECTED,
     REQUEST_ID,
@@ -41,13 +43,13 @@ from gateway.appkeys import (
     STATS,
     TTFT,
     UPSTREAM,
-    USAGE,
 )
 from gateway.auth import KeyStore, bearer_token, utcnow
 from gateway.cors import Cors
 from gateway.decorate import decorate
 from gateway.errors import error_response
 from gateway.metrics import Metrics
+from gateway.observe import Observer
 from gateway.ratelimit import SlidingWindow
 from gateway.requestid import HEADER as REQUEST_ID_HEADER
 from gateway.requestid import RequestIds
@@ -205,22 +207,8 @@ async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def _observe(request: web.Request, status: int, duration: float) -> None:
-    app = request.app
-    metrics = app[METRICS]
-    key_id = request.get(KEY_ID)
-    metrics.observe_request(request.path, status, key_id, duration)
-    if (reason := request.get(REJECTED)) is not None:
-        metrics.reject(reason)
-    access_log = app.get(ACCESS_LOG)
-    if access_log is not None:
-        ttft, usage = request.get(TTFT), request.get(USAGE)
-        access_log.write(AccessRecord(
-            time=time.time() - duration, request_id=request[REQUEST_ID], key_id=key_id, method=request.method,
-            path=request.path, status=status, duration_ms=duration * 1000,
-            ttft_ms=None if ttft is None else ttft * 1000,
-            prompt_tokens=None if usage is None else usage[0],
-            completion_tokens=None if usage is None else usage[1],
-        ))
+    request.app[OBSERVER].record(request.path, request.method, status, request.get(KEY_ID), duration,
+                                 request[REQUEST_ID], request.get(REJECTED), request.get(TTFT), request.get(ANSWER))
 
 
 async def reload_keys(request: web.Request) -> web.Response:
@@ -286,6 +274,15 @@ async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(access_log.close)
 
 
+async def _observer_ctx(app: web.Application) -> AsyncIterator[None]:
+    """After the access log opens and before it closes, so the last batch still reaches it."""
+    backend = app[BACKEND]
+    observer = Observer(app[METRICS], app.get(ACCESS_LOG), lambda: backend.model_id)
+    app[OBSERVER] = observer
+    yield
+    observer.flush()
+
+
 def create_app(
     settings: Settings, backend: Supervisor, drain: Drain | None = None, registry: CollectorRegistry | None = None
 ) -> web.Application:
@@ -320,6 +317,7 @@ def create_app(
     app.cleanup_ctx.append(_upstream_ctx)
     if settings.access_log:
         app.cleanup_ctx.append(_access_log_ctx)
+    app.cleanup_ctx.append(_observer_ctx)
     health.add_routes(app)
     proxy.add_routes(app, settings.passthrough_routes)
     app.router.add_post("/reload", reload_keys)

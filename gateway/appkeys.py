@@ -8,7 +8,8 @@ from gateway.accesslog import AccessLog
 from gateway.admission import Admission
 from gateway.auth import KeyStore
 from gateway.cors import Cors
-from gateway.metrics import Metrics, Usage
+from gateway.metrics import Metrics
+from gateway.observe import Answer, Observer
 from gateway.ratelimit import Decision, SlidingWindow
 from gateway.requestid import RequestIds
 from gateway.stats import Drain, Stats
@@ -28,6 +29,7 @@ ADMISSION = web.AppKey("admission", Admission)
 DRAIN = web.AppKey("drain", Drain)
 METRICS = web.AppKey("metrics", Metrics)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
+OBSERVER = web.AppKey("observer", Observer)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 
 # Per-request values, set by the gate middleware and the proxy (typed keys: aiohttp warns about plain strings).
@@ -37,5 +39,5 @@ REQUEST_ID = web.RequestKey("request_id", str)
 STARTED = web.RequestKey("started", float)
 REJECTED = web.RequestKey("rejected", str)
 TTFT = web.RequestKey("ttft", float)
-USAGE = web.RequestKey("usage", Usage)
+ANSWER = web.RequestKey("answer", Answer)  # where the token usage is read from, in the batch
 SENT_STATUS = web.RequestKey("sent_status", int)  # the status whose headers went out (set by gateway.decorate)

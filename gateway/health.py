@@ -7,7 +7,7 @@ import logging
 
 from aiohttp import web
 
-from gateway.appkeys import ADMISSION, BACKEND, DRAIN, METRICS, SETTINGS, STATS, UPSTREAM
+from gateway.appkeys import ADMISSION, BACKEND, DRAIN, METRICS, OBSERVER, SETTINGS, STATS, UPSTREAM
 from gateway.metrics import negotiate, relabel_backend_metrics
 from gateway.stats import Drain
 from lifecycle.upstream import UpstreamError
@@ -48,6 +48,7 @@ async def metrics(request: web.Request) -> web.Response:
     ?format=prometheus|openmetrics) asks, with llama-server's own llamacpp:* series on the same scrape."""
     app = request.app
     backend, metrics = app[BACKEND], app[METRICS]
+    app[OBSERVER].flush()  # every request answered so far is in what this scrape shows
     accept = request.headers.get("Accept")
     fmt = negotiate(accept, request.query.get("format"))
     if fmt == "json":

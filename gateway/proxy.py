@@ -12,8 +12,8 @@ from aiohttp import web
 from gateway.admission import QueueFull, QueueTimeout
 from gateway.appkeys import (
     ADMISSION,
+    ANSWER,
     BACKEND,
-    KEY_ID,
     METRICS,
     REJECTED,
     REQUEST_ID,
@@ -22,11 +22,11 @@ from gateway.appkeys import (
     STATS,
     TTFT,
     UPSTREAM,
-    USAGE,
 )
 from gateway.decorate import decorate
 from gateway.errors import error_response, sse_error_event
-from gateway.metrics import StreamTail, usage_from_json, usage_from_sse
+from gateway.metrics import StreamTail
+from gateway.observe import JSON, SSE, Answer
 from lifecycle.upstream import Stream, UpstreamConnectError, UpstreamDisconnected, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("gateway.proxy")
@@ -110,17 +110,10 @@ async def proxy_json(request: web.Request) -> web.StreamResponse:
             return await _stream(request, body, headers)
         response = await _fetch(request, "POST", body, headers)
         if response.status == 200 and isinstance(response.body, bytes):
-            _count_tokens(request, usage_from_json(response.body))
+            request[ANSWER] = Answer(JSON, response.body)  # its tokens are counted in the batch (gateway.observe)
         return response
     finally:
         admission.release()
-
-
-def _count_tokens(request: web.Request, usage: tuple[int, int, float] | None) -> None:
-    if usage is None:
-        return
-    request[USAGE] = usage
-    request.app[METRICS].observe_tokens(request.get(KEY_ID), request.app[BACKEND].model_id, *usage)
 
 
 async def proxy_get(request: web.Request) -> web.StreamResponse:
@@ -175,7 +168,7 @@ async def _pass_events(request: web.Request, resp: Stream) -> web.StreamResponse
         client_left = await _relay(request, resp, out, tail)
     finally:
         # Also when cancelled: a client that closes as soon as it reads [DONE] cancels this handler.
-        _count_tokens(request, usage_from_sse(bytes(tail)))
+        request[ANSWER] = Answer(SSE, bytes(tail))
     if not client_left:
         await out.write_eof()
     return out

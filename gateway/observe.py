@@ -1,0 +1,103 @@
+"""Per-request bookkeeping, done in batches: metrics series, token counts from the answer, access-log lines.
+
+The request path only appends one tuple. The work itself runs for up to BATCH requests at a time: when the batch is
+full, FLUSH_INTERVAL seconds after the first request of a batch, before every /metrics scrape, and on shutdown. The
+work is the same; done for many requests in a row, its code and data stay in the CPU's caches. Measured on the
+benchmark machine: about 18 us less gateway CPU per request at 32 concurrent clients, about 15 % more requests/s
+(bench/RESULTS.md). Metrics are at most FLUSH_INTERVAL behind, and never behind a scrape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+from gateway.accesslog import AccessLog, AccessRecord
+from gateway.metrics import Metrics, Usage, usage_from_json, usage_from_sse
+
+log = logging.getLogger("gateway.observe")
+
+BATCH = 256
+FLUSH_INTERVAL = 0.1  # seconds
+
+JSON = "json"  # the answer's body: a whole OpenAI response
+SSE = "sse"  # the answer's last bytes: the tail of an event stream
+
+
+class Answer(NamedTuple):
+    """Where a request's token usage is read from, later, in the batch."""
+
+    kind: str  # JSON or SSE
+    data: bytes
+
+
+class Observed(NamedTuple):
+    path: str
+    method: str
+    status: int
+    key_id: str | None
+    duration: float  # seconds
+    started: float  # wall clock (time.time()) at arrival
+    request_id: str
+    rejected: str | None
+    ttft: float | None
+    answer: Answer | None
+
+
+class Observer:
+    """Owned by the app; record() from the event loop, flush() from the event loop (or a test)."""
+
+    def __init__(self, metrics: Metrics, access_log: AccessLog | None, model_id: Callable[[], str | None]) -> None:
+        self.metrics = metrics
+        self.access_log = access_log
+        self.model_id = model_id
+        self._pending: list[Observed] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def record(
+        self, path: str, method: str, status: int, key_id: str | None, duration: float, request_id: str,
+        rejected: str | None, ttft: float | None, answer: Answer | None,
+    ) -> None:
+        pending = self._pending
+        pending.append(Observed(path, method, status, key_id, duration, time.time() - duration, request_id,
+                                rejected, ttft, answer))
+        if len(pending) >= BATCH:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        metrics, access_log, model = self.metrics, self.access_log, self.model_id()
+        for item in batch:
+            try:
+                usage = _usage(item.answer)
+                if usage is not None:
+                    metrics.observe_tokens(item.key_id, model, *usage)
+                metrics.observe_request(item.path, item.status, item.key_id, item.duration)
+                if item.rejected is not None:
+                    metrics.reject(item.rejected)
+                if access_log is not None:
+                    access_log.write(AccessRecord(
+                        time=item.started, request_id=item.request_id, key_id=item.key_id, method=item.method,
+                        path=item.path, status=item.status, duration_ms=item.duration * 1000,
+                        ttft_ms=None if item.ttft is None else item.ttft * 1000,
+                        prompt_tokens=None if usage is None else usage.prompt_tokens,
+                        completion_tokens=None if usage is None else usage.completion_tokens,
+                    ))
+            except Exception:  # one odd request must not cost the rest of the batch
+                log.exception("cannot account for request %s", item.request_id)
+
+
+def _usage(answer: Answer | None) -> Usage | None:
+    if answer is None:
+        return None
+    return usage_from_json(answer.data) if answer.kind == JSON else usage_from_sse(answer.data)
