@@ -28,11 +28,6 @@ class Decision:
         self.reset = reset  # seconds until the window has room for `limit` again
         self.retry_after = retry_after  # whole seconds until a request would pass (0 when allowed)
 
-    def headers(self) -> dict[str, str]:
-        headers: dict[str, str] = {}
-        self.apply(headers)
-        return headers
-
     def apply(self, headers: MutableMapping[str, str]) -> None:
         """Set the rate-limit headers (and Retry-After when refused) on `headers`."""
         headers["X-RateLimit-Limit"] = str(self.limit)

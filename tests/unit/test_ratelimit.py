@@ -47,12 +47,14 @@ def test_retry_after_and_headers() -> None:
     clock.now += 20.5
     denied = limiter.check("k", 1)
     assert denied.retry_after == 40  # ceil(39.5)
-    headers = denied.headers()
+    headers: dict[str, str] = {}
+    denied.apply(headers)
     assert headers["Retry-After"] == "40"
     assert headers["X-RateLimit-Limit"] == "1" and headers["X-RateLimit-Remaining"] == "0"
     assert int(headers["X-RateLimit-Reset"]) == 40
-    ok = limiter.check("other", 5)
-    assert ok.headers()["X-RateLimit-Remaining"] == "4" and "Retry-After" not in ok.headers()
+    ok, ok_headers = limiter.check("other", 5), {}
+    ok.apply(ok_headers)
+    assert ok_headers["X-RateLimit-Remaining"] == "4" and "Retry-After" not in ok_headers
 
 
 def test_keys_are_independent_and_pruned() -> None:
