@@ -221,7 +221,6 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     backend, settings = app[BACKEND], app[SETTINGS]
     upstream = Upstream(backend.base_url, backend.api_key, connect_timeout=settings.connect_timeout,
                         stream_idle_timeout=settings.stream_idle_timeout)
-    await upstream.start()
     app[UPSTREAM] = upstream
     yield
     await upstream.close()

@@ -114,10 +114,11 @@ class _Histogram:
     a measurable share of the gateway's CPU. Exposition still goes through prometheus_client (see _Series).
     """
 
-    __slots__ = ("bounds", "counts", "total")
+    __slots__ = ("bounds", "counts", "edges", "total")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
+        self.edges = [floatToGoString(b) for b in bounds] + ["+Inf"]  # the `le` labels
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.total = 0.0
 
@@ -128,9 +129,7 @@ class _Histogram:
     def snapshot(self) -> tuple[list[tuple[str, float]], float]:
         """(cumulative buckets ending with +Inf, sum); consistent with itself even while the loop observes."""
         counts, total = list(self.counts), self.total
-        cumulative = list(accumulate(counts))
-        edges = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
-        return list(zip(edges, cumulative, strict=True)), total
+        return list(zip(self.edges, accumulate(counts), strict=True)), total
 
 
 class _Series(Collector):

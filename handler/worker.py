@@ -86,13 +86,12 @@ class JobHandler:
         self.backend_wait = settings.backend_wait if backend_wait is None else backend_wait
         self._upstreams: dict[asyncio.AbstractEventLoop, Upstream] = {}
 
-    async def _upstream(self) -> Upstream:
+    def _upstream(self) -> Upstream:
         # One pooled client per event loop: the SDK's API server and worker loop each run their own.
         loop = asyncio.get_running_loop()
         upstream = self._upstreams.get(loop)
         if upstream is None:
             upstream = Upstream(self.backend.base_url, self.backend.api_key)
-            await upstream.start()
             self._upstreams[loop] = upstream
         return upstream
 
@@ -118,7 +117,7 @@ class JobHandler:
         if not await self._backend_ready(deadline):
             yield {"error": self._not_ready()}
             return
-        upstream = await self._upstream()
+        upstream = self._upstream()
         body = json.dumps(call.body).encode() if call.body is not None else None
         headers = {"Content-Type": "application/json"} if body is not None else None
         while True:

@@ -274,9 +274,6 @@ class Upstream:
         self._prefix = f"Host: {self.host}:{self.port}\r\nAuthorization: {self.auth}\r\n"
         self._idle: list[_Connection] = []
 
-    async def start(self) -> None:
-        """Nothing to set up yet: connections are opened on first use. Kept so owners have one lifecycle."""
-
     async def close(self) -> None:
         while self._idle:
             self._idle.pop().close()

@@ -71,7 +71,6 @@ def test_stale_pooled_connection_is_retried_once_on_a_fresh_one() -> None:
         raw = RawServer(drop=lambda conn, index: conn == 0 and index == 1)
         async with raw as url:
             up = Upstream(url, "secret")
-            await up.start()
             try:
                 assert await _post(up) == 200
                 assert await _post(up) == 200  # reused connection dropped -> sent again on a new one
@@ -90,7 +89,6 @@ def test_failure_on_a_new_connection_is_never_retried() -> None:
         raw = RawServer(drop=lambda conn, index: True)
         async with raw as url:
             up = Upstream(url, "secret")
-            await up.start()
             try:
                 with pytest.raises(UpstreamDisconnected):
                     await _post(up)
@@ -104,7 +102,6 @@ def test_failure_on_a_new_connection_is_never_retried() -> None:
 def test_connection_refused_raises_connect_error() -> None:
     async def main() -> None:
         up = Upstream("http://127.0.0.1:9", "secret", connect_timeout=2)
-        await up.start()
         try:
             with pytest.raises(UpstreamConnectError):
                 await _post(up)
@@ -119,7 +116,6 @@ def test_connections_are_reused_while_fresh() -> None:
         raw = RawServer(drop=lambda conn, index: False)
         async with raw as url:
             up = Upstream(url, "secret")
-            await up.start()
             try:
                 for _ in range(5):
                     assert await _post(up) == 200
@@ -140,7 +136,6 @@ def test_chunked_answers_are_read_whole() -> None:
     async def main() -> None:
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         up = Upstream(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "k")
-        await up.start()
         try:
             reply = await up.fetch("GET", "/v1/models")
             assert (reply.status, reply.body) == (200, b'{"a":1}')
@@ -165,7 +160,6 @@ def test_cancelled_request_closes_its_connection() -> None:
 
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         up = Upstream(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "k")
-        await up.start()
         try:
             task = asyncio.create_task(up.fetch("GET", "/slow"))
             await asyncio.sleep(0.1)
