@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from typing import NamedTuple
 
 from aiohttp import web
 
@@ -27,7 +28,7 @@ from gateway.decorate import decorate
 from gateway.errors import error_response, sse_error_event
 from gateway.metrics import StreamTail
 from gateway.observe import JSON, SSE, Answer
-from lifecycle.upstream import Stream, UpstreamConnectError, UpstreamDisconnected, UpstreamError, UpstreamTimeout
+from lifecycle.upstream import Reply, Stream, UpstreamConnectError, UpstreamDisconnected, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("gateway.proxy")
 
@@ -54,17 +55,53 @@ def _unavailable(request: web.Request) -> web.Response | None:
     )
 
 
-async def _backend_failed(request: web.Request, method: str, exc: UpstreamError) -> web.Response:
+class Refusal(NamedTuple):
+    """An error the gateway answers itself; both lanes (aiohttp's and gateway.fastlane) render it."""
+
+    status: int
+    message: str
+    code: str | None = None
+    headers: dict[str, str] | None = None
+
+    def response(self) -> web.Response:
+        return error_response(self.status, self.message, self.code, self.headers)
+
+
+def queue_refusal(app: web.Application, exc: QueueFull | QueueTimeout) -> tuple[Refusal, str]:
+    """The 503 for a request that got no backend slot, and its rejection reason."""
+    app[STATS].queue_rejections += 1
+    retry_after = {"Retry-After": str(max(1, round(app[SETTINGS].queue_timeout / 4)))}
+    if isinstance(exc, QueueFull):
+        return Refusal(503, "the request queue is full; retry shortly", "queue_full", retry_after), "queue_full"
+    return (Refusal(503, "no backend slot became free in time; retry shortly", "queue_timeout", retry_after),
+            "queue_timeout")
+
+
+async def backend_failed(app: web.Application, method: str, path: str, request_id: str, exc: UpstreamError) -> Refusal:
     """502, or 503 when the backend is restarting: nothing reached it (connect refused), or it died while the
     request was on its way (dropped before any answer, and the llama-server process that is up now exits)."""
-    log.warning("backend request %s %s failed: %s (request_id=%s)", method, request.path, exc, request[REQUEST_ID])
-    backend = request.app[BACKEND]
+    log.warning("backend request %s %s failed: %s (request_id=%s)", method, path, exc, request_id)
+    backend = app[BACKEND]
     if isinstance(exc, UpstreamConnectError) or (
         isinstance(exc, UpstreamDisconnected) and not exc.got_bytes and await backend.gone(backend.pid)
     ):
-        return error_response(503, "the model backend is restarting; retry shortly", "backend_unavailable",
-                              headers={"Retry-After": RETRY_AFTER_LOADING})
-    return error_response(502, "the model backend did not answer", "backend_error")
+        return Refusal(503, "the model backend is restarting; retry shortly", "backend_unavailable",
+                       {"Retry-After": RETRY_AFTER_LOADING})
+    return Refusal(502, "the model backend did not answer", "backend_error")
+
+
+async def fetch(
+    app: web.Application, method: str, path: str, body: bytes | None, headers: dict[str, str] | None, request_id: str
+) -> Reply | Refusal:
+    """One whole answer from llama-server, or the error to give instead (502, 503, 504)."""
+    timeout = app[SETTINGS].request_timeout
+    try:
+        return await app[UPSTREAM].fetch(method, path, body=body, headers=headers, timeout=timeout)
+    except UpstreamTimeout:
+        log.warning("backend request %s %s timed out after %gs (request_id=%s)", method, path, timeout, request_id)
+        return Refusal(504, f"the model backend did not answer within {timeout:g}s (REQUEST_TIMEOUT)")
+    except UpstreamError as exc:
+        return await backend_failed(app, method, path, request_id, exc)
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -95,14 +132,8 @@ async def proxy_json(request: web.Request) -> web.StreamResponse:
     try:
         waited = await admission.acquire()
     except (QueueFull, QueueTimeout) as exc:
-        app[STATS].queue_rejections += 1
-        retry_after = {"Retry-After": str(max(1, round(app[SETTINGS].queue_timeout / 4)))}
-        if isinstance(exc, QueueFull):
-            request[REJECTED] = "queue_full"
-            return error_response(503, "the request queue is full; retry shortly", "queue_full", headers=retry_after)
-        request[REJECTED] = "queue_timeout"
-        return error_response(503, "no backend slot became free in time; retry shortly", "queue_timeout",
-                              headers=retry_after)
+        refusal, request[REJECTED] = queue_refusal(app, exc)
+        return refusal.response()
     metrics.observe_queue_wait(waited)
     headers = {**JSON_HEADERS, "X-Request-ID": request[REQUEST_ID]}
     try:
@@ -125,15 +156,9 @@ async def proxy_get(request: web.Request) -> web.StreamResponse:
 async def _fetch(
     request: web.Request, method: str, body: bytes | None, headers: dict[str, str] | None
 ) -> web.Response:
-    timeout = request.app[SETTINGS].request_timeout
-    try:
-        reply = await request.app[UPSTREAM].fetch(method, request.path, body=body, headers=headers, timeout=timeout)
-    except UpstreamTimeout:
-        log.warning("backend request %s %s timed out after %gs (request_id=%s)", method, request.path, timeout,
-                    request[REQUEST_ID])
-        return error_response(504, f"the model backend did not answer within {timeout:g}s (REQUEST_TIMEOUT)")
-    except UpstreamError as exc:
-        return await _backend_failed(request, method, exc)
+    reply = await fetch(request.app, method, request.path, body, headers, request[REQUEST_ID])
+    if isinstance(reply, Refusal):
+        return reply.response()
     return web.Response(status=reply.status, body=reply.body,
                         headers={"Content-Type": reply.content_type or "application/json"})
 
@@ -146,14 +171,14 @@ async def _stream(request: web.Request, body: bytes, headers: dict[str, str]) ->
                     request[REQUEST_ID])
         return error_response(504, "the model backend did not start answering in time (STREAM_IDLE_TIMEOUT)")
     except UpstreamError as exc:
-        return await _backend_failed(request, "POST", exc)
+        return (await backend_failed(request.app, "POST", request.path, request[REQUEST_ID], exc)).response()
     async with resp:
         if not resp.content_type.startswith("text/event-stream"):
             # llama-server refused before streaming (e.g. a prompt over the context): pass its answer on.
             try:
                 data = await resp.read_all()
             except UpstreamError as exc:
-                return await _backend_failed(request, "POST", exc)
+                return (await backend_failed(request.app, "POST", request.path, request[REQUEST_ID], exc)).response()
             return web.Response(status=resp.status, body=data,
                                 headers={"Content-Type": resp.content_type or "application/json"})
         return await _pass_events(request, resp)

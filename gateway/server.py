@@ -19,6 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.app import create_app
 from gateway.appkeys import STATS
+from gateway.fastlane import FastLane
 from gateway.health import create_health_app
 from gateway.stats import Drain
 from lifecycle.fetch import ProvisionError
@@ -56,14 +57,40 @@ class _NoRequestContent(logging.Filter):
         return True
 
 
-async def _site(app: web.Application, host: str, port: int, settings: Settings) -> web.AppRunner:
+class _Listener:
+    """One port: aiohttp's runner for the app and, on PORT with FAST_LANE, the fast lane in front of it."""
+
+    def __init__(self, runner: web.AppRunner) -> None:
+        self.runner = runner
+        self.server: asyncio.AbstractServer | None = None
+        self.lane: FastLane | None = None
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self.lane is not None:
+            self.lane.close()
+        await self.runner.cleanup()
+
+
+async def _listen(app: web.Application, host: str, port: int, settings: Settings, fast: bool) -> _Listener:
     # handler_cancellation: a client that disconnects cancels its handler at once, so it leaves the queue, or
     # its upstream request is closed and llama-server stops generating for nobody.
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0,
                            **_limits(settings))
     await runner.setup()
-    await web.TCPSite(runner, host, port, backlog=1024).start()
-    return runner
+    listener = _Listener(runner)
+    try:
+        if fast and runner.server is not None:
+            loop = asyncio.get_running_loop()
+            listener.lane = FastLane(app, runner.server, loop)
+            listener.server = await loop.create_server(listener.lane, host, port, backlog=1024, reuse_address=True)
+        else:
+            await web.TCPSite(runner, host, port, backlog=1024).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return listener
 
 
 async def _drain(app: web.Application, timeout: float) -> None:
@@ -96,14 +123,15 @@ async def serve(settings: Settings) -> int:
     backend = Supervisor(settings)
     drain = Drain()
     app = create_app(settings, backend, drain)
-    runners: list[web.AppRunner] = []
+    listeners: list[_Listener] = []
     try:
-        for one, port in ((create_health_app(drain), settings.port_health), (app, settings.port)):
-            runners.append(await _site(one, settings.host, port, settings))
+        for one, port, fast in ((create_health_app(drain), settings.port_health, False),
+                                (app, settings.port, settings.fast_lane)):
+            listeners.append(await _listen(one, settings.host, port, settings, fast))
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, port, exc.strerror or exc)
-        for runner in runners:
-            await runner.cleanup()
+        for listener in listeners:
+            await listener.close()
         return 1
     log.info("gateway listening on http://%s:%d (health port %d)", settings.host, settings.port, settings.port_health)
     code = 0
@@ -131,8 +159,8 @@ async def serve(settings: Settings) -> int:
         code = 1
     finally:
         drain.draining = True
-        for runner in reversed(runners):
-            await runner.cleanup()
+        for listener in reversed(listeners):
+            await listener.close()
         await backend.stop()
         log.info("stopped")
     return code

@@ -21,6 +21,8 @@ class Stats:
     requests_error: int = 0
     requests_active: int = 0
     queue_rejections: int = 0
+    fast_lane: int = 0  # API requests answered by gateway.fastlane
+    handed_over: int = 0  # connections gateway.fastlane passed to aiohttp
 
     def begin(self) -> None:
         self.requests_total += 1
@@ -40,5 +42,7 @@ class Stats:
             "requests_error": self.requests_error,
             "requests_active": self.requests_active,
             "queue_rejections": self.queue_rejections,
+            "requests_fast_lane": self.fast_lane,
+            "connections_handed_over": self.handed_over,
             "uptime_seconds": round(time.monotonic() - self.started, 3),
         }

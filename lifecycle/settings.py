@@ -108,6 +108,7 @@ class Settings:
     auth_failure_window: float = 60.0
     passthrough_routes: tuple[str, ...] = ()
     client_timeout: float = 30.0
+    fast_lane: bool = True
 
     parallel: int = 8
     max_concurrent_requests: int = 8
@@ -241,6 +242,7 @@ class Settings:
             auth_failure_window=r.float("AUTH_FAILURE_WINDOW", 60.0, minimum=1.0),
             passthrough_routes=routes,
             client_timeout=r.float("CLIENT_TIMEOUT", 30.0, minimum=0.1),
+            fast_lane=r.bool("FAST_LANE", True),
             parallel=parallel,
             max_concurrent_requests=r.int("MAX_CONCURRENT_REQUESTS", parallel, minimum=1),
             max_queue_size=r.int("MAX_QUEUE_SIZE", 0),

@@ -1,0 +1,396 @@
+"""The fast lane: plain API calls answered without aiohttp's per-request machinery; everything else goes to aiohttp.
+
+PORT is served by this asyncio protocol, with HTTP parsed by httptools. A request takes the fast lane only when it
+is the common case, which is decided before anything is done for it:
+1. it arrived whole and alone in one read (nothing half-sent, nothing pipelined behind it), as HTTP/1.1 keep-alive,
+   with a Content-Length body (none for GET), within the header limits and MAX_REQUEST_BODY_SIZE;
+2. it is POST /v1/chat/completions, /v1/completions or /v1/embeddings with a JSON object that does not ask for a
+   stream, or GET /v1/models, with no query string, and no Origin, Expect, Upgrade or Transfer-Encoding header;
+3. the backend is ready and the gateway is not draining;
+4. with AUTH_ENABLED, its key is known and unexpired, its address is not blocked for failed keys, and its rate
+   limit lets it through (the last check, the only one that uses anything up).
+Anything else hands the connection, with every byte of that request, to aiohttp's server, which runs the whole gate
+(gateway.app) and keeps the connection from then on. So refusals, streams, preflights, probes and odd framing have
+one implementation, aiohttp's; a handed-over request is checked again from scratch, and nothing was counted for it.
+What the fast lane answers itself are the outcomes of a request it took: the backend's answer, or the queue and
+backend errors of gateway.proxy. It records them like the aiohttp lane does (stats, metrics, access log).
+
+Why: at 32 concurrent clients aiohttp's request and response objects cost about as much CPU as everything the
+gateway does for a request (bench/RESULTS.md). FAST_LANE=false sends every request through aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+
+import httptools
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+
+from gateway.admission import QueueFull, QueueTimeout
+from gateway.appkeys import (
+    ADMISSION,
+    BACKEND,
+    DRAIN,
+    FAILURES,
+    KEYS,
+    LIMITER,
+    METRICS,
+    OBSERVER,
+    REQUEST_IDS,
+    SETTINGS,
+    STATS,
+)
+from gateway.auth import bearer_token, utcnow
+from gateway.errors import error_body
+from gateway.observe import JSON, Answer
+from gateway.proxy import GET_ROUTES, JSON_ROUTES, Refusal, fetch, queue_refusal
+from gateway.ratelimit import Decision
+
+log = logging.getLogger("gateway.fastlane")
+
+# Headers that send a request to aiohttp: browsers (CORS), 100-continue, protocol switches, chunked bodies.
+_HAND_OVER = frozenset({b"origin", b"expect", b"upgrade", b"transfer-encoding", b"access-control-request-method"})
+_PAUSE_AT = 1 << 20  # bytes of pipelined requests held while one is answered, before we stop reading
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+class FastLane:
+    """The protocol factory for PORT; one per app. Holds what the hot path reads, looked up once, and the open
+    fast-lane connections (closed at shutdown)."""
+
+    def __init__(self, app: web.Application, server: web.Server, loop: asyncio.AbstractEventLoop) -> None:
+        self.server = server  # aiohttp's protocol factory: takes the connections handed over
+        self.loop = loop
+        self.app = app
+        self.settings = settings = app[SETTINGS]
+        self.backend, self.drain, self.stats = app[BACKEND], app[DRAIN], app[STATS]
+        self.admission, self.metrics, self.observer = app[ADMISSION], app[METRICS], app[OBSERVER]
+        self.keys, self.limiter, self.failures = app[KEYS], app[LIMITER], app[FAILURES]
+        self.request_ids = app[REQUEST_IDS]
+        self.post_routes = {path.encode(): path for path in JSON_ROUTES}
+        self.get_routes = {path.encode(): path for path in GET_ROUTES}
+        self.max_headers, self.max_line = settings.max_headers, settings.max_header_line_size
+        self.max_body = settings.max_request_body_size
+        self.connections: set[FastConnection] = set()
+        self._second = -1
+        self._date = ""
+
+    def __call__(self) -> FastConnection:
+        return FastConnection(self)
+
+    def date(self) -> str:
+        now = int(time.time())
+        if now != self._second:
+            self._second, self._date = now, formatdate(now, usegmt=True)
+        return self._date
+
+    def close(self) -> None:
+        """Shutdown: drop every fast-lane connection (their requests are cancelled)."""
+        for conn in list(self.connections):
+            conn.abort()
+
+
+class FastConnection(asyncio.Protocol):
+    """One client connection, until it is handed to aiohttp (or closed). At most one request is answered at a
+    time; bytes that arrive meanwhile (pipelining) wait, and are looked at once the answer is written."""
+
+    def __init__(self, lane: FastLane) -> None:
+        self.lane = lane
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client = "unknown"
+        self.task: asyncio.Task[None] | None = None  # the request being answered
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.read_paused = False
+        self.write_paused = False
+        self.last_active = 0.0
+        self.idle: asyncio.TimerHandle | None = None
+        # the message being parsed
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._messages = 0
+        self._complete = False
+
+    # --- asyncio.Protocol -------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, (tuple, list)) and peer:
+            self.client = str(peer[0])
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # as aiohttp does: notice dead peers
+        self.lane.connections.add(self)
+        self._touch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lane.connections.discard(self)
+        self.transport = None
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
+        if self.task is not None:
+            self.task.cancel()  # the client left: leave the queue, or drop the upstream request
+
+    def data_received(self, data: bytes) -> None:
+        if self.task is not None or self.write_paused:
+            self._hold(data)
+            return
+        self._take(data)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.task is None:
+            self._next()
+
+    # --- httptools callbacks ----------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._messages += 1
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+
+    # --- deciding -----------------------------------------------------------------------------------------
+
+    def _take(self, data: bytes) -> None:
+        """`data` starts a new request: answer it here, or hand it to aiohttp."""
+        started = time.monotonic()
+        self._url, self._headers, self._body, self._messages, self._complete = b"", [], [], 0, False
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self._hand_over(data)
+            return
+        job = self._admit() if self._complete and self._messages == 1 else None
+        if job is None:
+            self._hand_over(data)
+            return
+        self.task = self.lane.loop.create_task(self._answer(started, *job))
+
+    def _admit(self) -> tuple[str, str, bytes | None, str, str, Decision | None] | None:
+        """(method, path, body, request id, key id, rate decision) when the fast lane takes the request, else None.
+        Nothing is used up unless it returns a job."""
+        lane, parser = self.lane, self.parser
+        if parser.get_http_version() != "1.1" or not parser.should_keep_alive():
+            return None
+        method = parser.get_method()
+        routes = lane.post_routes if method == b"POST" else lane.get_routes if method == b"GET" else None
+        path = None if routes is None else routes.get(self._url)
+        if path is None or lane.drain.draining or not lane.backend.ready:
+            return None
+        headers = self._headers
+        if len(headers) > lane.max_headers:
+            return None
+        token = request_id = length = None
+        for name, value in headers:
+            if len(name) + len(value) + 2 > lane.max_line:
+                return None
+            lowered = name.lower()
+            if lowered == b"authorization":
+                token = value
+            elif lowered == b"x-request-id":
+                request_id = value
+            elif lowered == b"content-length":
+                if length is not None:
+                    return None
+                length = value
+            elif lowered in _HAND_OVER:
+                return None
+        body: bytes | None = None
+        if method == b"POST":
+            body = b"".join(self._body)
+            if length is None or len(body) > lane.max_body:
+                return None
+            try:
+                parsed = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                return None
+            if not isinstance(parsed, dict) or parsed.get("stream") is True:
+                return None
+        elif self._body:
+            return None
+        try:
+            auth = token.decode("ascii") if token else ""
+            rid = request_id.decode("ascii") if request_id else None
+        except UnicodeDecodeError:
+            return None
+        taken = self._authorize(auth)
+        if taken is None:
+            return None
+        key_id, decision = taken
+        return method.decode(), path, body, lane.request_ids(rid), key_id, decision
+
+    def _authorize(self, header: str) -> tuple[str, Decision | None] | None:
+        """(key id, rate decision) when the caller may go on; the rate limit is the one check that uses anything
+        up, so it comes last."""
+        lane = self.lane
+        settings = lane.settings
+        if not settings.auth_enabled:
+            return "anonymous", None
+        if not lane.failures.check(self.client, settings.auth_failure_limit, consume=False).allowed:
+            return None
+        token = bearer_token(header)
+        entry = lane.keys.ring.match(token) if token else None
+        if entry is None or (entry.expires is not None and entry.expired(utcnow())):
+            return None
+        decision = lane.limiter.check(entry.key_id, entry.rate_limit or settings.max_requests_per_minute)
+        if not decision.allowed:
+            return None
+        return entry.key_id, decision
+
+    def _hand_over(self, data: bytes) -> None:
+        """From now on aiohttp's server owns this connection; `data` is everything since the request began."""
+        transport = self.transport
+        self.lane.connections.discard(self)
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
+        self.transport = None
+        if transport is None or transport.is_closing():
+            return
+        self.lane.stats.handed_over += 1
+        protocol = self.lane.server()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.read_paused:
+            transport.resume_reading()
+        if self.write_paused:
+            protocol.pause_writing()
+        if data:
+            protocol.data_received(data)
+
+    # --- answering ----------------------------------------------------------------------------------------
+
+    async def _answer(
+        self, started: float, method: str, path: str, body: bytes | None, rid: str, key_id: str,
+        decision: Decision | None,
+    ) -> None:
+        lane = self.lane
+        stats = lane.stats
+        status, rejected, answer = 500, None, None
+        stats.begin()
+        stats.fast_lane += 1
+        try:
+            if body is None:
+                reply = await fetch(lane.app, method, path, None, {"X-Request-ID": rid}, rid)
+            else:
+                admission = lane.admission
+                try:
+                    waited = await admission.acquire()
+                except (QueueFull, QueueTimeout) as exc:
+                    reply, rejected = queue_refusal(lane.app, exc)
+                else:
+                    lane.metrics.observe_queue_wait(waited)
+                    try:
+                        reply = await fetch(lane.app, method, path, body,
+                                            {"Content-Type": "application/json", "X-Request-ID": rid}, rid)
+                    finally:
+                        admission.release()
+            if isinstance(reply, Refusal):
+                status = reply.status
+                self._send(status, "application/json", error_body(status, reply.message, reply.code), rid, decision,
+                           reply.headers)
+            else:
+                status = reply.status
+                if status == 200 and body is not None:
+                    answer = Answer(JSON, reply.body)  # its tokens are counted in the batch (gateway.observe)
+                self._send(status, reply.content_type or "application/json", reply.body, rid, decision, None)
+        except Exception:
+            log.exception("unexpected error on %s %s (request_id=%s)", method, path, rid)
+            status = 500
+            self._send(500, "application/json",
+                       error_body(500, "internal error in the gateway; see its log", "internal_error"), rid, decision,
+                       None)
+        finally:
+            stats.end(status)
+            lane.observer.record(path, method, status, key_id, time.monotonic() - started, rid, rejected, None,
+                                 answer)
+            self.task = None
+        if not self.write_paused:
+            self._next()
+
+    def _send(
+        self, status: int, content_type: str, body: bytes, rid: str, decision: Decision | None,
+        extra: dict[str, str] | None,
+    ) -> None:
+        if self.transport is None:
+            return
+        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nDate: {self.lane.date()}\r\nServer: {SERVER_SOFTWARE}\r\n"
+                f"X-Request-ID: {rid}\r\n")
+        if decision is not None or extra:
+            headers: dict[str, str] = dict(extra) if extra else {}
+            if decision is not None:
+                decision.apply(headers)
+            head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        self.transport.write((head + "\r\n").encode("latin-1") + body)
+
+    def _next(self) -> None:
+        """The answer is out: look at what came meanwhile, or wait for the next request."""
+        if self.transport is None:
+            return
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        if self.pending:
+            data = b"".join(self.pending)
+            self.pending, self.pending_size = [], 0
+            self._take(data)
+        else:
+            self._touch()
+
+    def _hold(self, data: bytes) -> None:
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size > _PAUSE_AT and not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    # --- idle connections ---------------------------------------------------------------------------------
+
+    def _touch(self) -> None:
+        self.last_active = self.lane.loop.time()
+        if self.idle is None:
+            self.idle = self.lane.loop.call_at(self.last_active + self.lane.settings.client_timeout, self._on_idle)
+
+    def _on_idle(self) -> None:
+        """CLIENT_TIMEOUT without a request: close, as aiohttp does with its keep-alive timeout."""
+        self.idle = None
+        if self.transport is None or self.task is not None:
+            return  # busy: _next() re-arms the timer
+        deadline = self.last_active + self.lane.settings.client_timeout
+        if self.lane.loop.time() < deadline:
+            self.idle = self.lane.loop.call_at(deadline, self._on_idle)
+        else:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        if self.transport is not None:
+            self.transport.close()
