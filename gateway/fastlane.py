@@ -212,8 +212,12 @@ class FastConnection(asyncio.Protocol):
                 return None
             lowered = name.lower()
             if lowered == b"authorization":
+                if token is not None:
+                    return None  # said twice: aiohttp's lane decides which one counts
                 token = value
             elif lowered == b"x-request-id":
+                if request_id is not None:
+                    return None
                 request_id = value
             elif lowered == b"content-length":
                 if length is not None:

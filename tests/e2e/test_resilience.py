@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from tests.conftest import ROOT, Gateway, pid_alive
@@ -84,8 +85,10 @@ def test_aborted_streams_free_every_slot(make_gateway) -> None:  # type: ignore[
     assert health(gw)["queue"]["active"] == 0
 
 
-def test_queue_full_and_queue_timeout(make_gateway) -> None:  # type: ignore[no-untyped-def]
-    gw: Gateway = make_gateway({"MAX_CONCURRENT_REQUESTS": "1", "MAX_QUEUE_SIZE": "1", "QUEUE_TIMEOUT": "1"},
+@pytest.mark.parametrize("fast_lane", ["true", "false"])  # both lanes: gateway/fastlane.py and aiohttp's
+def test_queue_full_and_queue_timeout(make_gateway, fast_lane: str) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = make_gateway({"MAX_CONCURRENT_REQUESTS": "1", "MAX_QUEUE_SIZE": "1", "QUEUE_TIMEOUT": "1",
+                                "FAST_LANE": fast_lane},
                                name="queue")
     conn, resp = open_stream(gw)  # holds the only slot
     queued: dict[str, requests.Response] = {}
@@ -107,8 +110,10 @@ def test_queue_full_and_queue_timeout(make_gateway) -> None:  # type: ignore[no-
     conn.close()
 
 
-def test_queued_client_that_leaves_frees_its_place(make_gateway) -> None:  # type: ignore[no-untyped-def]
-    gw: Gateway = make_gateway({"MAX_CONCURRENT_REQUESTS": "1", "QUEUE_TIMEOUT": "30"}, name="leave")
+@pytest.mark.parametrize("fast_lane", ["true", "false"])
+def test_queued_client_that_leaves_frees_its_place(make_gateway, fast_lane: str) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = make_gateway({"MAX_CONCURRENT_REQUESTS": "1", "QUEUE_TIMEOUT": "30", "FAST_LANE": fast_lane},
+                               name="leave")
     conn, resp = open_stream(gw)
     body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
     sock = socket.create_connection(("127.0.0.1", gw.port))
@@ -125,8 +130,10 @@ def test_queued_client_that_leaves_frees_its_place(make_gateway) -> None:  # typ
     assert reply.status_code == 200  # the slot came back
 
 
-def test_request_timeout_is_504(make_gateway) -> None:  # type: ignore[no-untyped-def]
-    gw: Gateway = make_gateway({"REQUEST_TIMEOUT": "0.5", "PASSTHROUGH_ROUTES": "/slots"}, name="timeout")
+@pytest.mark.parametrize("fast_lane", ["true", "false"])
+def test_request_timeout_is_504(make_gateway, fast_lane: str) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = make_gateway({"REQUEST_TIMEOUT": "0.5", "PASSTHROUGH_ROUTES": "/slots", "FAST_LANE": fast_lane},
+                               name="timeout")
     started = time.monotonic()
     resp = requests.post(f"{gw.url}/v1/completions", json=LONG, timeout=30)
     assert resp.status_code == 504 and resp.json()["error"]["code"] == "backend_timeout"

@@ -1,0 +1,231 @@
+"""The fast lane (gateway/fastlane.py) against the real backend: plain API calls are answered on it, everything else
+is handed to aiohttp with its bytes, and the connection goes on working either way."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import httptools
+import pytest
+import requests
+
+from tests.conftest import Gateway
+
+KEY = "sk-fast-0123456789abcdef"
+ORIGIN = "https://app.example"
+CHAT = json.dumps({"model": "any", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+
+
+class Answer:
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.body = b""
+
+
+class Reader:
+    """Whole HTTP answers off a raw socket (interim 1xx answers included), with httptools."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.done: list[Answer] = []
+        self.current = Answer()
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.current.headers[name.decode().lower()] = value.decode()
+
+    def on_headers_complete(self) -> None:
+        self.current.status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self.current.body += body
+
+    def on_message_complete(self) -> None:
+        self.done.append(self.current)
+        self.current = Answer()
+
+    def read(self, count: int = 1, timeout: float = 30) -> list[Answer]:
+        deadline = time.monotonic() + timeout
+        while len(self.done) < count:
+            self.sock.settimeout(max(0.1, deadline - time.monotonic()))
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed")
+            self.parser.feed_data(data)
+        taken, self.done = self.done[:count], self.done[count:]
+        return taken
+
+
+def request(path: str = "/v1/chat/completions", body: bytes | None = CHAT, headers: dict[str, str] | None = None,
+            method: str = "POST", version: str = "1.1") -> bytes:
+    headers = {"Authorization": f"Bearer {KEY}", **(headers or {})}
+    lines = [f"{method} {path} HTTP/{version}", "Host: test"]
+    if body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+
+
+def counters(gw: Gateway) -> tuple[int, int]:
+    """(requests answered on the fast lane, connections handed over before this probe's own)."""
+    data = requests.get(f"{gw.url}/metrics", timeout=10).json()
+    return data["requests_fast_lane"], data["connections_handed_over"] - 1
+
+
+def handed_over_since(gw: Gateway, before: tuple[int, int]) -> tuple[int, int]:
+    """(fast-lane answers, hand-overs) since `before` was read, not counting the probes."""
+    now = counters(gw)
+    return now[0] - before[0], now[1] - before[1] - 1
+
+
+def connect(gw: Gateway) -> tuple[socket.socket, Reader]:
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    return sock, Reader(sock)
+
+
+@pytest.fixture(scope="module")
+def fast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    data = tmp_path_factory.mktemp("fast")
+    (data / "api_keys.txt").write_text(f"fast:{KEY}\n")
+    gw = Gateway(data, {"AUTH_ENABLED": "true", "CORS_ORIGINS": ORIGIN, "CLIENT_TIMEOUT": "1",
+                        "MAX_REQUESTS_PER_MINUTE": "100000"}).start()
+    yield gw
+    gw.stop()
+
+
+def test_plain_calls_are_answered_on_the_fast_lane_over_one_connection(fast: Gateway) -> None:
+    before = counters(fast)
+    sock, reader = connect(fast)
+    with sock:
+        for i in range(3):
+            sock.sendall(request(headers={"X-Request-ID": f"fast-{i}"}))
+            (answer,) = reader.read()
+            assert answer.status == 200, answer.body
+            assert json.loads(answer.body)["object"] == "chat.completion"
+            assert answer.headers["x-request-id"] == f"fast-{i}"
+            assert answer.headers["content-type"].startswith("application/json")
+            assert int(answer.headers["content-length"]) == len(answer.body)
+            assert answer.headers["x-ratelimit-limit"] == "100000"
+            assert "date" in answer.headers
+            assert "access-control-allow-origin" not in answer.headers
+        sock.sendall(request("/v1/models", None, method="GET"))
+        (models,) = reader.read()
+        assert models.status == 200 and json.loads(models.body)["object"] == "list"
+    assert handed_over_since(fast, before) == (4, 0)
+
+
+def test_both_lanes_give_the_same_answer_headers(fast: Gateway, make_gateway) -> None:  # type: ignore[no-untyped-def]
+    (fast.data_dir / "slow").mkdir(exist_ok=True)
+    slow = make_gateway({"FAST_LANE": "false", "AUTH_ENABLED": "true", "AUTH_KEYS_FILE": str(fast.data_dir /
+                         "api_keys.txt"), "MAX_REQUESTS_PER_MINUTE": "100000"}, name="slow")
+    seen = []
+    for gw in (fast, slow):
+        sock, reader = connect(gw)
+        with sock:
+            sock.sendall(request(headers={"X-Request-ID": "same"}))
+            (answer,) = reader.read()
+        assert answer.status == 200
+        seen.append(answer.headers)
+    assert set(seen[0]) == set(seen[1])
+    for name in ("content-type", "x-request-id", "x-ratelimit-limit", "server"):
+        assert seen[0][name] == seen[1][name]
+    assert json.loads(requests.get(f"{slow.url}/metrics", timeout=10).content)["requests_fast_lane"] == 0
+
+
+HANDED_OVER = {
+    "origin": (request(headers={"Origin": ORIGIN}), 200),
+    "stream": (request(body=json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                        "stream": True}).encode()), 200),
+    "bad key": (request(headers={"Authorization": "Bearer sk-wrong"}), 401),
+    "bad json": (request(body=b'{"messages": '), 400),
+    "not an object": (request(body=b"[1, 2]"), 400),
+    "query string": (request("/v1/chat/completions?x=1"), 200),
+    "unknown route": (request("/v1/nothing"), 404),
+    "chunked body": (request(body=None, headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+                     + b"%x\r\n" % len(CHAT) + CHAT + b"\r\n0\r\n\r\n", 200),
+    "probe": (request("/health", None, method="GET"), 200),
+    "two keys": (request().replace(b"Host: test\r\n", b"Host: test\r\nAuthorization: Bearer sk-wrong\r\n"), 401),
+}
+
+
+@pytest.mark.parametrize("case", list(HANDED_OVER))
+def test_other_requests_are_handed_to_aiohttp_and_the_connection_goes_on(fast: Gateway, case: str) -> None:
+    data, status = HANDED_OVER[case]
+    before = counters(fast)
+    sock, reader = connect(fast)
+    with sock:
+        sock.sendall(data)
+        (answer,) = reader.read()
+        assert answer.status == status, answer.body
+        if case == "origin":
+            assert answer.headers["access-control-allow-origin"] == ORIGIN
+        if case == "stream":
+            assert answer.headers["content-type"].startswith("text/event-stream")
+            assert answer.body.rstrip().endswith(b"data: [DONE]")
+        if status >= 400:
+            assert "error" in json.loads(answer.body)
+        sock.sendall(request())  # the same connection, now aiohttp's
+        (after,) = reader.read()
+        assert after.status == 200
+    assert handed_over_since(fast, before) == (0, 1)  # both answers came from aiohttp
+
+
+def test_a_request_sent_in_pieces_is_answered(fast: Gateway) -> None:
+    sock, reader = connect(fast)
+    with sock:
+        data = request()
+        sock.sendall(data[:40])
+        time.sleep(0.2)
+        sock.sendall(data[40:])
+        (answer,) = reader.read()
+        assert answer.status == 200
+
+
+def test_pipelined_requests_are_answered_in_order(fast: Gateway) -> None:
+    sock, reader = connect(fast)
+    with sock:
+        sock.sendall(request())  # the first on the fast lane, then two sent back to back while it runs
+        sock.sendall(request(headers={"X-Request-ID": "p1"}) + request(headers={"X-Request-ID": "p2"}))
+        answers = reader.read(3)
+    assert [a.status for a in answers] == [200, 200, 200]
+    assert [a.headers["x-request-id"] for a in answers[1:]] == ["p1", "p2"]
+
+
+def test_expect_100_continue_is_honoured(fast: Gateway) -> None:
+    sock, reader = connect(fast)
+    with sock:
+        head = request(body=CHAT, headers={"Expect": "100-continue"})[: -len(CHAT)]
+        sock.sendall(head)
+        (interim,) = reader.read()
+        assert interim.status == 100
+        sock.sendall(CHAT)
+        (answer,) = reader.read()
+        assert answer.status == 200
+
+
+def test_http_1_0_is_answered_and_closed(fast: Gateway) -> None:
+    sock, reader = connect(fast)
+    with sock:
+        sock.sendall(request(version="1.0"))
+        (answer,) = reader.read()
+        assert answer.status == 200
+        sock.settimeout(5)
+        assert sock.recv(100) == b""
+
+
+def test_an_idle_fast_lane_connection_is_closed_after_client_timeout(fast: Gateway) -> None:
+    before = counters(fast)
+    sock, reader = connect(fast)
+    with sock:
+        sock.sendall(request())
+        (answer,) = reader.read()
+        assert answer.status == 200
+        sock.settimeout(5)
+        started = time.monotonic()
+        assert sock.recv(100) == b""  # CLIENT_TIMEOUT=1
+        assert 0.5 < time.monotonic() - started < 4
+    assert handed_over_since(fast, before) == (1, 0)
