@@ -186,7 +186,11 @@ class FastConnection(asyncio.Protocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._hand_over(data)
             return
-        job = self._admit() if self._complete and self._messages == 1 else None
+        try:
+            job = self._admit() if self._complete and self._messages == 1 else None
+        except Exception:  # a bug here must not cost the request: aiohttp's lane answers it
+            log.exception("the fast lane failed to look at a request; handing it to aiohttp")
+            job = None
         if job is None:
             self._hand_over(data)
             return
