@@ -91,7 +91,7 @@ def connect(gw: Gateway) -> tuple[socket.socket, Reader]:
 def fast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     data = tmp_path_factory.mktemp("fast")
     (data / "api_keys.txt").write_text(f"fast:{KEY}\n")
-    gw = Gateway(data, {"AUTH_ENABLED": "true", "CORS_ORIGINS": ORIGIN, "CLIENT_TIMEOUT": "1",
+    gw = Gateway(data, {"FAST_LANE": "true", "AUTH_ENABLED": "true", "CORS_ORIGINS": ORIGIN, "CLIENT_TIMEOUT": "1",
                         "MAX_REQUESTS_PER_MINUTE": "100000"}).start()
     yield gw
     gw.stop()
