@@ -4,6 +4,7 @@ is handed to aiohttp with its bytes, and the connection goes on working either w
 from __future__ import annotations
 
 import json
+import random
 import socket
 import time
 from collections.abc import Iterator
@@ -92,7 +93,7 @@ def fast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     data = tmp_path_factory.mktemp("fast")
     (data / "api_keys.txt").write_text(f"fast:{KEY}\n")
     gw = Gateway(data, {"FAST_LANE": "true", "AUTH_ENABLED": "true", "CORS_ORIGINS": ORIGIN, "CLIENT_TIMEOUT": "1",
-                        "MAX_REQUESTS_PER_MINUTE": "100000"}).start()
+                        "MAX_REQUESTS_PER_MINUTE": "100000", "AUTH_FAILURE_LIMIT": "1000"}).start()
     yield gw
     gw.stop()
 
@@ -229,3 +230,25 @@ def test_an_idle_fast_lane_connection_is_closed_after_client_timeout(fast: Gatew
         assert sock.recv(100) == b""  # CLIENT_TIMEOUT=1
         assert 0.5 < time.monotonic() - started < 4
     assert handed_over_since(fast, before) == (1, 0)
+
+
+def test_any_mix_of_pieces_and_pipelining_is_answered_in_order(fast: Gateway) -> None:
+    """Random cuts through a run of requests (fast-lane ones and ones aiohttp must take): every request is answered
+    once, in order, whichever lane saw it."""
+    rng = random.Random(7)
+    kinds = [{}, {"Origin": ORIGIN}, {"Authorization": "Bearer sk-wrong"}]
+    for attempt in range(6):
+        sock, reader = connect(fast)
+        with sock:
+            ids, stream = [], b""
+            for i in range(5):
+                rid = f"mix-{attempt}-{i}"
+                ids.append(rid)
+                stream += request(headers={"X-Request-ID": rid, **rng.choice(kinds)})
+            cuts = sorted(rng.sample(range(1, len(stream)), 4))
+            for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+                sock.sendall(stream[start:end])
+                time.sleep(rng.choice([0, 0.01, 0.05]))
+            answers = reader.read(5)
+        assert [a.headers["x-request-id"] for a in answers] == ids
+        assert all(a.status in (200, 401) for a in answers)
