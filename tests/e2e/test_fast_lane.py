@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -252,3 +253,26 @@ def test_any_mix_of_pieces_and_pipelining_is_answered_in_order(fast: Gateway) ->
             answers = reader.read(5)
         assert [a.headers["x-request-id"] for a in answers] == ids
         assert all(a.status in (200, 401) for a in answers)
+
+
+def test_sigterm_lets_a_fast_lane_request_finish_and_closes_idle_connections(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw: Gateway = make_gateway({"FAST_LANE": "true", "DRAIN_TIMEOUT": "30"}, name="fast-drain")
+    idle, idle_reader = connect(gw)
+    busy, busy_reader = connect(gw)
+    with idle, busy:
+        idle.sendall(request())
+        assert idle_reader.read()[0].status == 200
+        long = {"prompt": "Write a very long story:", "max_tokens": 150, "ignore_eos": True}
+        busy.sendall(request("/v1/completions", json.dumps(long).encode()))
+        deadline = time.monotonic() + 10
+        while requests.get(f"{gw.url}/health", timeout=5).json()["queue"]["active"] != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGTERM)
+        (answer,) = busy_reader.read(timeout=60)
+        assert answer.status == 200
+        assert json.loads(answer.body)["usage"]["completion_tokens"] == 150  # drained, not cut off
+        assert gw.proc.wait(30) == 0
+        idle.settimeout(5)
+        assert idle.recv(100) == b""
