@@ -4,16 +4,17 @@ PORT is served by this asyncio protocol, with HTTP parsed by httptools. A reques
 is the common case, which is decided before anything is done for it:
 1. it arrived whole and alone in one read (nothing half-sent, nothing pipelined behind it), as HTTP/1.1 keep-alive,
    with a Content-Length body (none for GET), within the header limits and MAX_REQUEST_BODY_SIZE;
-2. it is POST /v1/chat/completions, /v1/completions or /v1/embeddings with a JSON object that does not ask for a
-   stream, or GET /v1/models, with no query string, and no Origin, Expect, Upgrade or Transfer-Encoding header;
+2. it is POST /v1/chat/completions, /v1/completions or /v1/embeddings with a JSON object (streamed or not), or
+   GET /v1/models, with no query string, and no Origin, Expect, Upgrade or Transfer-Encoding header;
 3. the backend is ready and the gateway is not draining;
 4. with AUTH_ENABLED, its key is known and unexpired, its address is not blocked for failed keys, and its rate
    limit lets it through (the last check, the only one that uses anything up).
 Anything else hands the connection, with every byte of that request, to aiohttp's server, which runs the whole gate
-(gateway.app) and keeps the connection from then on. So refusals, streams, preflights, probes and odd framing have
-one implementation, aiohttp's; a handed-over request is checked again from scratch, and nothing was counted for it.
-What the fast lane answers itself are the outcomes of a request it took: the backend's answer, or the queue and
-backend errors of gateway.proxy. It records them like the aiohttp lane does (stats, metrics, access log).
+(gateway.app) and keeps the connection from then on. So refusals, preflights, probes and odd framing have one
+implementation, aiohttp's; a handed-over request is checked again from scratch, and nothing was counted for it.
+What the fast lane answers itself are the outcomes of a request it took: the backend's answer or event stream
+(relayed by gateway.proxy.relay, as in the aiohttp lane), or the queue and backend errors of gateway.proxy. It
+records them like the aiohttp lane does (stats, metrics, time to first token, access log).
 
 Why: at 32 concurrent clients aiohttp's request and response objects cost about as much CPU as everything the
 gateway does for a request (bench/RESULTS.md). FAST_LANE=false sends every request through aiohttp.
@@ -29,6 +30,7 @@ import socket
 import time
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import NamedTuple
 
 import httptools
 from aiohttp import web
@@ -50,9 +52,20 @@ from gateway.appkeys import (
 )
 from gateway.auth import bearer_token, utcnow
 from gateway.errors import error_body
-from gateway.observe import JSON, Answer
-from gateway.proxy import GET_ROUTES, JSON_ROUTES, Refusal, fetch, queue_refusal
+from gateway.metrics import StreamTail
+from gateway.observe import JSON, SSE, Answer
+from gateway.proxy import (
+    GET_ROUTES,
+    JSON_ROUTES,
+    SSE_HEADERS,
+    Refusal,
+    fetch,
+    open_events,
+    queue_refusal,
+    relay,
+)
 from gateway.ratelimit import Decision
+from lifecycle.upstream import Reply, Stream
 
 log = logging.getLogger("gateway.fastlane")
 
@@ -60,6 +73,19 @@ log = logging.getLogger("gateway.fastlane")
 _HAND_OVER = frozenset({b"origin", b"expect", b"upgrade", b"transfer-encoding", b"access-control-request-method"})
 _PAUSE_AT = 1 << 20  # bytes of pipelined requests held while one is answered, before we stop reading
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+class Job(NamedTuple):
+    """A request the fast lane took."""
+
+    started: float  # time.monotonic() when its bytes were looked at
+    method: str
+    path: str
+    body: bytes | None  # None for GET
+    stream: bool  # "stream": true
+    request_id: str
+    key_id: str
+    decision: Decision | None  # the rate limit's, for its headers (None with AUTH_ENABLED=false)
 
 
 class FastLane:
@@ -114,6 +140,11 @@ class FastConnection(asyncio.Protocol):
         self.write_paused = False
         self.last_active = 0.0
         self.idle: asyncio.TimerHandle | None = None
+        self.drained: asyncio.Future[None] | None = None  # a stream waiting for a slow client
+        # the request being answered: the status whose headers went out, and what gateway.observe reads
+        self.sent = 0
+        self.answer: Answer | None = None
+        self.ttft: float | None = None
         # the message being parsed
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -155,6 +186,8 @@ class FastConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
         if self.task is None:
             self._next()
 
@@ -194,11 +227,10 @@ class FastConnection(asyncio.Protocol):
         if job is None:
             self._hand_over(data)
             return
-        self.task = self.lane.loop.create_task(self._answer(started, *job))
+        self.task = self.lane.loop.create_task(self._answer(job._replace(started=started)))
 
-    def _admit(self) -> tuple[str, str, bytes | None, str, str, Decision | None] | None:
-        """(method, path, body, request id, key id, rate decision) when the fast lane takes the request, else None.
-        Nothing is used up unless it returns a job."""
+    def _admit(self) -> Job | None:
+        """The job when the fast lane takes the request, else None. Nothing is used up unless it returns a job."""
         lane, parser = self.lane, self.parser
         if parser.get_http_version() != "1.1" or not parser.should_keep_alive():
             return None
@@ -230,6 +262,7 @@ class FastConnection(asyncio.Protocol):
             elif lowered in _HAND_OVER:
                 return None
         body: bytes | None = None
+        stream = False
         if method == b"POST":
             body = b"".join(self._body)
             if length is None or len(body) > lane.max_body:
@@ -238,8 +271,9 @@ class FastConnection(asyncio.Protocol):
                 parsed = json.loads(body)
             except (ValueError, UnicodeDecodeError):
                 return None
-            if not isinstance(parsed, dict) or parsed.get("stream") is True:
+            if not isinstance(parsed, dict):
                 return None
+            stream = parsed.get("stream") is True
         elif self._body:
             return None
         try:
@@ -251,7 +285,7 @@ class FastConnection(asyncio.Protocol):
         if taken is None:
             return None
         key_id, decision = taken
-        return method.decode(), path, body, lane.request_ids(rid), key_id, decision
+        return Job(0.0, method.decode(), path, body, stream, lane.request_ids(rid), key_id, decision)
 
     def _authorize(self, header: str) -> tuple[str, Decision | None] | None:
         """(key id, rate decision) when the caller may go on; the rate limit is the one check that uses anything
@@ -294,18 +328,17 @@ class FastConnection(asyncio.Protocol):
 
     # --- answering ----------------------------------------------------------------------------------------
 
-    async def _answer(
-        self, started: float, method: str, path: str, body: bytes | None, rid: str, key_id: str,
-        decision: Decision | None,
-    ) -> None:
+    async def _answer(self, job: Job) -> None:
         lane = self.lane
         stats = lane.stats
-        status, rejected, answer = 500, None, None
+        self.sent = 0
+        status, rejected, self.answer, self.ttft = 500, None, None, None
         stats.begin()
         stats.fast_lane += 1
         try:
-            if body is None:
-                reply = await fetch(lane.app, method, path, None, {"X-Request-ID": rid}, rid)
+            if job.body is None:
+                reply: Reply | Refusal | None = await fetch(lane.app, job.method, job.path, None,
+                                                            {"X-Request-ID": job.request_id}, job.request_id)
             else:
                 admission = lane.admission
                 try:
@@ -314,49 +347,89 @@ class FastConnection(asyncio.Protocol):
                     reply, rejected = queue_refusal(lane.app, exc)
                 else:
                     lane.metrics.observe_queue_wait(waited)
+                    headers = {"Content-Type": "application/json", "X-Request-ID": job.request_id}
                     try:
-                        reply = await fetch(lane.app, method, path, body,
-                                            {"Content-Type": "application/json", "X-Request-ID": rid}, rid)
+                        if job.stream:
+                            reply = await self._stream(job, headers)
+                        else:
+                            reply = await fetch(lane.app, job.method, job.path, job.body, headers, job.request_id)
                     finally:
                         admission.release()
             if isinstance(reply, Refusal):
-                status = reply.status
-                self._send(status, "application/json", error_body(status, reply.message, reply.code), rid, decision,
-                           reply.headers)
-            else:
-                status = reply.status
-                if status == 200 and body is not None:
-                    answer = Answer(JSON, reply.body)  # its tokens are counted in the batch (gateway.observe)
-                self._send(status, reply.content_type or "application/json", reply.body, rid, decision, None)
+                self._send(reply.status, "application/json", error_body(reply.status, reply.message, reply.code),
+                           job, reply.headers)
+            elif reply is not None:
+                if reply.status == 200 and job.body is not None:
+                    self.answer = Answer(JSON, reply.body)  # its tokens are counted in the batch (gateway.observe)
+                self._send(reply.status, reply.content_type or "application/json", reply.body, job, None)
+            status = self.sent
         except Exception:
-            log.exception("unexpected error on %s %s (request_id=%s)", method, path, rid)
-            status = 500
-            self._send(500, "application/json",
-                       error_body(500, "internal error in the gateway; see its log", "internal_error"), rid, decision,
-                       None)
+            log.exception("unexpected error on %s %s (request_id=%s)", job.method, job.path, job.request_id)
+            if self.sent:  # a stream under way: all that can be done is to drop the connection, as aiohttp does
+                if self.transport is not None:
+                    self.transport.close()
+            else:
+                self._send(500, "application/json",
+                           error_body(500, "internal error in the gateway; see its log", "internal_error"), job, None)
         finally:
+            status = self.sent or status  # cancelled once the answer started: it counts with the status it sent
             stats.end(status)
-            lane.observer.record(path, method, status, key_id, time.monotonic() - started, rid, rejected, None,
-                                 answer)
+            lane.observer.record(job.path, job.method, status, job.key_id, time.monotonic() - job.started,
+                                 job.request_id, rejected, self.ttft, self.answer)
             self.task = None
         if not self.write_paused:
             self._next()
 
-    def _send(
-        self, status: int, content_type: str, body: bytes, rid: str, decision: Decision | None,
-        extra: dict[str, str] | None,
-    ) -> None:
+    async def _stream(self, job: Job, headers: dict[str, str]) -> Reply | Refusal | None:
+        """Pass an event stream on as chunked transfer encoding; None once it was sent."""
+        assert job.body is not None
+        opened = await open_events(self.lane.app, job.path, job.body, headers, job.request_id)
+        if not isinstance(opened, Stream):
+            return opened
+        async with opened:
+            self._write(self._head(opened.status, SSE_HEADERS, job, None) + b"Transfer-Encoding: chunked\r\n\r\n")
+            self.sent = opened.status
+            tail = StreamTail()  # the last few KB, where llama-server puts usage and timings
+            try:
+                client_left = await relay(opened, self._write_chunk, tail, job.path, job.request_id)
+            finally:
+                self.answer = Answer(SSE, bytes(tail))
+                if tail.first_at is not None:
+                    self.ttft = tail.first_at - job.started
+                    self.lane.metrics.observe_ttft(job.path, self.ttft)
+            if not client_left:
+                self._write(b"0\r\n\r\n")
+        return None
+
+    def _head(self, status: int, headers: dict[str, str], job: Job, extra: dict[str, str] | None) -> bytes:
+        """Status line and headers, without the blank line; the same headers as aiohttp's lane gives."""
+        head = f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in headers.items())
+        head += f"Date: {self.lane.date()}\r\nServer: {SERVER_SOFTWARE}\r\nX-Request-ID: {job.request_id}\r\n"
+        if job.decision is not None or extra:
+            more: dict[str, str] = dict(extra) if extra else {}
+            if job.decision is not None:
+                job.decision.apply(more)
+            head += "".join(f"{name}: {value}\r\n" for name, value in more.items())
+        return head.encode("latin-1")
+
+    def _send(self, status: int, content_type: str, body: bytes, job: Job, extra: dict[str, str] | None) -> None:
+        head = self._head(status, {"Content-Type": content_type, "Content-Length": str(len(body))}, job, extra)
+        self._write(head + b"\r\n" + body)
+        self.sent = status
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    async def _write_chunk(self, chunk: bytes) -> None:
+        """One piece of a stream; waits while the client reads slower than the backend writes."""
         if self.transport is None:
-            return
-        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nDate: {self.lane.date()}\r\nServer: {SERVER_SOFTWARE}\r\n"
-                f"X-Request-ID: {rid}\r\n")
-        if decision is not None or extra:
-            headers: dict[str, str] = dict(extra) if extra else {}
-            if decision is not None:
-                decision.apply(headers)
-            head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        self.transport.write((head + "\r\n").encode("latin-1") + body)
+            raise ConnectionResetError("the client left")
+        self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        if self.write_paused:
+            self.drained = self.lane.loop.create_future()
+            await self.drained  # resume_writing() ends the wait; connection_lost() cancels this task
 
     def _next(self) -> None:
         """The answer is out: look at what came meanwhile, or wait for the next request."""

@@ -487,11 +487,12 @@ def usage_from_sse(chunk_tail: bytes) -> Usage | None:
 class StreamTail:
     """Keeps about the last TAIL_BYTES of a stream, at amortised O(chunk) cost per chunk."""
 
-    __slots__ = ("buffer", "limit")
+    __slots__ = ("buffer", "first_at", "limit")
 
     def __init__(self, limit: int = TAIL_BYTES) -> None:
         self.limit = limit
         self.buffer = bytearray()
+        self.first_at: float | None = None  # when the first piece came (time.monotonic()), set by its reader
 
     def feed(self, chunk: bytes) -> None:
         self.buffer += chunk

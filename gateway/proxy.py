@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 from aiohttp import web
@@ -38,7 +39,7 @@ RETRY_AFTER_LOADING = "5"
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 # Response headers we set ourselves; llama-server's CORS headers never reach the client.
-_SSE_HEADERS = {
+SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
@@ -163,45 +164,62 @@ async def _fetch(
                         headers={"Content-Type": reply.content_type or "application/json"})
 
 
-async def _stream(request: web.Request, body: bytes, headers: dict[str, str]) -> web.StreamResponse:
+async def open_events(
+    app: web.Application, path: str, body: bytes, headers: dict[str, str], request_id: str
+) -> Stream | Reply | Refusal:
+    """Start a streamed answer (both lanes): the event stream, to be closed by the caller; or llama-server's whole
+    answer when it refused before streaming (e.g. a prompt over the context); or the error to give instead."""
     try:
-        resp = await request.app[UPSTREAM].open_stream("POST", request.path, body=body, headers=headers)
+        resp = await app[UPSTREAM].open_stream("POST", path, body=body, headers=headers)
     except UpstreamTimeout:
-        log.warning("backend stream %s did not start within STREAM_IDLE_TIMEOUT (request_id=%s)", request.path,
-                    request[REQUEST_ID])
-        return error_response(504, "the model backend did not start answering in time (STREAM_IDLE_TIMEOUT)")
+        log.warning("backend stream %s did not start within STREAM_IDLE_TIMEOUT (request_id=%s)", path, request_id)
+        return Refusal(504, "the model backend did not start answering in time (STREAM_IDLE_TIMEOUT)")
     except UpstreamError as exc:
-        return (await backend_failed(request.app, "POST", request.path, request[REQUEST_ID], exc)).response()
+        return await backend_failed(app, "POST", path, request_id, exc)
+    if resp.content_type.startswith("text/event-stream"):
+        return resp
     async with resp:
-        if not resp.content_type.startswith("text/event-stream"):
-            # llama-server refused before streaming (e.g. a prompt over the context): pass its answer on.
-            try:
-                data = await resp.read_all()
-            except UpstreamError as exc:
-                return (await backend_failed(request.app, "POST", request.path, request[REQUEST_ID], exc)).response()
-            return web.Response(status=resp.status, body=data,
-                                headers={"Content-Type": resp.content_type or "application/json"})
-        return await _pass_events(request, resp)
+        try:
+            return Reply(resp.status, resp.content_type, await resp.read_all())
+        except UpstreamError as exc:
+            return await backend_failed(app, "POST", path, request_id, exc)
+
+
+async def _stream(request: web.Request, body: bytes, headers: dict[str, str]) -> web.StreamResponse:
+    opened = await open_events(request.app, request.path, body, headers, request[REQUEST_ID])
+    if isinstance(opened, Refusal):
+        return opened.response()
+    if isinstance(opened, Reply):
+        return web.Response(status=opened.status, body=opened.body,
+                            headers={"Content-Type": opened.content_type or "application/json"})
+    async with opened:
+        return await _pass_events(request, opened)
 
 
 async def _pass_events(request: web.Request, resp: Stream) -> web.StreamResponse:
-    out = web.StreamResponse(status=resp.status, headers=_SSE_HEADERS)
+    out = web.StreamResponse(status=resp.status, headers=SSE_HEADERS)
     decorate(request, out)
     await out.prepare(request)
     tail = StreamTail()  # the last few KB, where llama-server puts usage and timings
     try:
-        client_left = await _relay(request, resp, out, tail)
+        client_left = await relay(resp, out.write, tail, request.path, request[REQUEST_ID])
     finally:
         # Also when cancelled: a client that closes as soon as it reads [DONE] cancels this handler.
         request[ANSWER] = Answer(SSE, bytes(tail))
+        if tail.first_at is not None:
+            request[TTFT] = tail.first_at - request[STARTED]
+            request.app[METRICS].observe_ttft(request.path, request[TTFT])
     if not client_left:
         await out.write_eof()
     return out
 
 
-async def _relay(request: web.Request, resp: Stream, out: web.StreamResponse, tail: StreamTail) -> bool:
-    """Pass the backend's events on as they arrive; True when the client left."""
-    first = True
+async def relay(
+    resp: Stream, write: Callable[[bytes], Awaitable[None]], tail: StreamTail, path: str, request_id: str
+) -> bool:
+    """Pass the backend's events on as they arrive, through `write` (both lanes); True when the client left.
+
+    tail.first_at is when the first piece arrived (monotonic), for time-to-first-token."""
     chunk = b"\n\n"
     while True:
         last = chunk
@@ -211,7 +229,7 @@ async def _relay(request: web.Request, resp: Stream, out: web.StreamResponse, ta
             # The status line is long gone: the failure is reported inside the stream.
             timed_out = isinstance(exc, UpstreamTimeout)
             log.warning("backend stream %s: %s (request_id=%s)", "went idle" if timed_out else "broke off", exc,
-                        request[REQUEST_ID])
+                        request_id)
             message = ("the model backend sent nothing for too long (STREAM_IDLE_TIMEOUT)" if timed_out
                        else "the model backend broke off the stream")
             chunk, failed = sse_error_event(message, "backend_timeout" if timed_out else "backend_error"), True
@@ -221,13 +239,11 @@ async def _relay(request: web.Request, resp: Stream, out: web.StreamResponse, ta
             failed = False
         if not chunk:
             return False
-        if first and not failed:
-            first = False
-            request[TTFT] = ttft = time.monotonic() - request[STARTED]
-            request.app[METRICS].observe_ttft(request.path, ttft)
+        if tail.first_at is None and not failed:
+            tail.first_at = time.monotonic()
         tail.feed(chunk)
         try:
-            await out.write(chunk)
+            await write(chunk)
         except ConnectionError:
             resp.close()  # the client left: drop the upstream request so llama-server stops generating
             return True

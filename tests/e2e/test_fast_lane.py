@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httptools
 import pytest
@@ -19,6 +20,9 @@ from tests.conftest import Gateway
 KEY = "sk-fast-0123456789abcdef"
 ORIGIN = "https://app.example"
 CHAT = json.dumps({"model": "any", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+STREAM = json.dumps({"model": "any", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                     "stream": True, "stream_options": {"include_usage": True}}).encode()
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Answer:
@@ -26,6 +30,7 @@ class Answer:
         self.status = 0
         self.headers: dict[str, str] = {}
         self.body = b""
+        self.pieces: list[bytes] = []
 
 
 class Reader:
@@ -44,9 +49,10 @@ class Reader:
         self.current.status = self.parser.get_status_code()
 
     def on_body(self, body: bytes) -> None:
-        self.current.body += body
+        self.current.pieces.append(body)
 
     def on_message_complete(self) -> None:
+        self.current.body = b"".join(self.current.pieces)
         self.done.append(self.current)
         self.current = Answer()
 
@@ -120,28 +126,47 @@ def test_plain_calls_are_answered_on_the_fast_lane_over_one_connection(fast: Gat
     assert handed_over_since(fast, before) == (4, 0)
 
 
+def test_streams_are_relayed_on_the_fast_lane_and_the_connection_goes_on(fast: Gateway) -> None:
+    before = counters(fast)
+    sock, reader = connect(fast)
+    with sock:
+        sock.sendall(request(body=STREAM, headers={"X-Request-ID": "stream-1"}))
+        (answer,) = reader.read()
+        assert answer.status == 200
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        assert answer.headers["transfer-encoding"] == "chunked"
+        assert answer.headers["x-request-id"] == "stream-1"
+        events = [line for line in answer.body.split(b"\n\n") if line.strip()]
+        assert events[-1] == b"data: [DONE]"
+        assert json.loads(events[-2].removeprefix(b"data: "))["usage"]["completion_tokens"] == 4
+        sock.sendall(request())  # keep-alive after a stream, still on the fast lane
+        (after,) = reader.read()
+        assert after.status == 200
+    assert handed_over_since(fast, before) == (2, 0)
+
+
 def test_both_lanes_give_the_same_answer_headers(fast: Gateway, make_gateway) -> None:  # type: ignore[no-untyped-def]
     (fast.data_dir / "slow").mkdir(exist_ok=True)
     slow = make_gateway({"FAST_LANE": "false", "AUTH_ENABLED": "true", "AUTH_KEYS_FILE": str(fast.data_dir /
                          "api_keys.txt"), "MAX_REQUESTS_PER_MINUTE": "100000"}, name="slow")
-    seen = []
-    for gw in (fast, slow):
-        sock, reader = connect(gw)
-        with sock:
-            sock.sendall(request(headers={"X-Request-ID": "same"}))
-            (answer,) = reader.read()
-        assert answer.status == 200
-        seen.append(answer.headers)
-    assert set(seen[0]) == set(seen[1])
-    for name in ("content-type", "x-request-id", "x-ratelimit-limit", "server"):
-        assert seen[0][name] == seen[1][name]
+    for body in (CHAT, STREAM):
+        seen = []
+        for gw in (fast, slow):
+            sock, reader = connect(gw)
+            with sock:
+                sock.sendall(request(body=body, headers={"X-Request-ID": "same"}))
+                (answer,) = reader.read()
+            assert answer.status == 200
+            seen.append(answer.headers)
+        assert set(seen[0]) == set(seen[1])
+        for name in ("content-type", "x-request-id", "x-ratelimit-limit", "server", "cache-control",
+                     "transfer-encoding", "x-accel-buffering"):
+            assert seen[0].get(name) == seen[1].get(name)
     assert json.loads(requests.get(f"{slow.url}/metrics", timeout=10).content)["requests_fast_lane"] == 0
 
 
 HANDED_OVER = {
     "origin": (request(headers={"Origin": ORIGIN}), 200),
-    "stream": (request(body=json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
-                                        "stream": True}).encode()), 200),
     "bad key": (request(headers={"Authorization": "Bearer sk-wrong"}), 401),
     "bad json": (request(body=b'{"messages": '), 400),
     "not an object": (request(body=b"[1, 2]"), 400),
@@ -165,9 +190,6 @@ def test_other_requests_are_handed_to_aiohttp_and_the_connection_goes_on(fast: G
         assert answer.status == status, answer.body
         if case == "origin":
             assert answer.headers["access-control-allow-origin"] == ORIGIN
-        if case == "stream":
-            assert answer.headers["content-type"].startswith("text/event-stream")
-            assert answer.body.rstrip().endswith(b"data: [DONE]")
         if status >= 400:
             assert "error" in json.loads(answer.body)
         sock.sendall(request())  # the same connection, now aiohttp's
@@ -276,3 +298,37 @@ def test_sigterm_lets_a_fast_lane_request_finish_and_closes_idle_connections(mak
         assert gw.proc.wait(30) == 0
         idle.settimeout(5)
         assert idle.recv(100) == b""
+
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("fast_lane", ["true", "false"])  # both lanes: gateway/fastlane.py and aiohttp's
+def test_a_client_that_reads_slowly_holds_the_stream_back(make_gateway, fast_lane: str) -> None:  # type: ignore[no-untyped-def]
+    """About 20 MB of events from a fast backend to a client that stops reading: the gateway keeps only a bounded
+    buffer (it stops reading from the backend), and the whole stream still arrives once the client reads again."""
+    fake = ROOT / "bench" / "fake_llama_server.py"
+    gw: Gateway = make_gateway({"FAST_LANE": fast_lane, "LLAMA_SERVER_BIN": str(fake),
+                                "EXTRA_ARGS": "--stream-chunks 100000"}, name=f"slow-reader-{fast_lane}")
+    assert gw.proc is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gw.port))
+    with sock:
+        base = rss_kib(gw.proc.pid)
+        sock.sendall(request(body=STREAM))
+        first = sock.recv(100)
+        assert first.startswith(b"HTTP/1.1 200")
+        time.sleep(2)  # not reading: the backend has written everything by now
+        grown = rss_kib(gw.proc.pid) - base
+        assert grown < 8 * 1024, f"the gateway buffered {grown} KiB for a client that does not read"
+        reader = Reader(sock)
+        reader.parser.feed_data(first)
+        (answer,) = reader.read(timeout=60)
+    assert answer.body.rstrip().endswith(b"data: [DONE]")
+    assert b'"tok99999 "' in answer.body
