@@ -23,6 +23,7 @@ CHAT = json.dumps({"model": "any", "messages": [{"role": "user", "content": "hi"
 STREAM = json.dumps({"model": "any", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
                      "stream": True, "stream_options": {"include_usage": True}}).encode()
 ROOT = Path(__file__).resolve().parents[2]
+FAKE = ROOT / "tests" / "fakes" / "fake_llama_server.py"
 
 
 class Answer:
@@ -56,7 +57,7 @@ class Reader:
         self.done.append(self.current)
         self.current = Answer()
 
-    def read(self, count: int = 1, timeout: float = 30) -> list[Answer]:
+    def read(self, count: int = 1, timeout: float = 60) -> list[Answer]:
         deadline = time.monotonic() + timeout
         while len(self.done) < count:
             self.sock.settimeout(max(0.1, deadline - time.monotonic()))
@@ -277,28 +278,34 @@ def test_any_mix_of_pieces_and_pipelining_is_answered_in_order(fast: Gateway) ->
         assert all(a.status in (200, 401) for a in answers)
 
 
-def test_sigterm_lets_a_fast_lane_request_finish_and_closes_idle_connections(make_gateway) -> None:  # type: ignore[no-untyped-def]
-    gw: Gateway = make_gateway({"FAST_LANE": "true", "DRAIN_TIMEOUT": "30"}, name="fast-drain")
+def test_sigterm_lets_fast_lane_requests_finish_and_closes_idle_connections(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    """A whole answer and a stream in flight (the fake backend holds each for 2 s) both finish during the drain."""
+    gw: Gateway = make_gateway({"FAST_LANE": "true", "DRAIN_TIMEOUT": "60", "LLAMA_SERVER_BIN": str(FAKE),
+                                "FAKE_MODE": "stall_stream", "FAKE_STALL": "2"}, name="fast-drain")
+    before = counters(gw)
     idle, idle_reader = connect(gw)
-    busy, busy_reader = connect(gw)
-    with idle, busy:
-        idle.sendall(request())
-        assert idle_reader.read()[0].status == 200
-        long = {"prompt": "Write a very long story:", "max_tokens": 150, "ignore_eos": True}
-        busy.sendall(request("/v1/completions", json.dumps(long).encode()))
+    whole, whole_reader = connect(gw)
+    streamed, streamed_reader = connect(gw)
+    with idle, whole, streamed:
+        idle.sendall(request("/v1/models", None, method="GET"))
+        idle_reader.read()  # (the fake answers 503 to anything but /health: passed on as it is)
+        whole.sendall(request())
+        streamed.sendall(request(body=STREAM))
         deadline = time.monotonic() + 10
-        while requests.get(f"{gw.url}/health", timeout=5).json()["queue"]["active"] != 1:
+        while requests.get(f"{gw.url}/health", timeout=5).json()["queue"]["active"] != 2:
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        assert counters(gw)[0] - before[0] == 3  # all three on the fast lane
         assert gw.proc is not None
         gw.proc.send_signal(signal.SIGTERM)
-        (answer,) = busy_reader.read(timeout=60)
-        assert answer.status == 200
-        assert json.loads(answer.body)["usage"]["completion_tokens"] == 150  # drained, not cut off
+        (answer,) = whole_reader.read(timeout=30)
+        (events,) = streamed_reader.read(timeout=30)
+        assert answer.status == 200 and b"[DONE]" in answer.body  # drained, not cut off
+        assert events.status == 200 and events.body.rstrip().endswith(b"data: [DONE]")
         assert gw.proc.wait(30) == 0
         idle.settimeout(5)
         assert idle.recv(100) == b""
-
+    assert "draining 2 in-flight request(s)" in gw.output()
 
 
 def rss_kib(pid: int) -> int:
