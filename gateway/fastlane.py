@@ -220,16 +220,16 @@ class FastConnection(asyncio.Protocol):
             self._hand_over(data)
             return
         try:
-            job = self._admit() if self._complete and self._messages == 1 else None
+            job = self._admit(started) if self._complete and self._messages == 1 else None
         except Exception:  # a bug here must not cost the request: aiohttp's lane answers it
             log.exception("the fast lane failed to look at a request; handing it to aiohttp")
             job = None
         if job is None:
             self._hand_over(data)
             return
-        self.task = self.lane.loop.create_task(self._answer(job._replace(started=started)))
+        self.task = self.lane.loop.create_task(self._answer(job))
 
-    def _admit(self) -> Job | None:
+    def _admit(self, started: float) -> Job | None:
         """The job when the fast lane takes the request, else None. Nothing is used up unless it returns a job."""
         lane, parser = self.lane, self.parser
         if parser.get_http_version() != "1.1" or not parser.should_keep_alive():
@@ -285,7 +285,7 @@ class FastConnection(asyncio.Protocol):
         if taken is None:
             return None
         key_id, decision = taken
-        return Job(0.0, method.decode(), path, body, stream, lane.request_ids(rid), key_id, decision)
+        return Job(started, method.decode(), path, body, stream, lane.request_ids(rid), key_id, decision)
 
     def _authorize(self, header: str) -> tuple[str, Decision | None] | None:
         """(key id, rate decision) when the caller may go on; the rate limit is the one check that uses anything
