@@ -1,11 +1,14 @@
-"""Admission control for generation routes: at most `capacity` requests at the backend, the rest wait in a FIFO
-queue (bounded by MAX_QUEUE_SIZE, 0 = unbounded) for at most QUEUE_TIMEOUT seconds.
+"""Admission control for generation routes: at most `capacity` backend slots held, the rest wait in a FIFO queue
+(bounded by MAX_QUEUE_SIZE, 0 = unbounded) for at most QUEUE_TIMEOUT seconds.
+
+A request holds `weight` slots: 1, or n for a request that generates n completions side by side
+(lifecycle.request_rules.slots_needed, which also bounds n by the capacity).
 
 Invariants:
-1. `active` counts slots held; a slot freed while someone waits passes straight to the oldest waiter (its future
-   is resolved), so `active` does not change and nobody can jump the queue.
+1. `active` counts slots held. Freed slots go to the waiters in order: the oldest waiter is granted its slots as
+   soon as enough are free, and nobody behind it jumps the queue, even one that would fit.
 2. A waiter that leaves (its client disconnected, so its task was cancelled, or it timed out) is removed at once;
-   if a slot had already been passed to it, the slot is passed on.
+   if its slots had already been granted, they are passed on.
 """
 
 from __future__ import annotations
@@ -29,42 +32,57 @@ class Admission:
         self.max_queue = max_queue
         self.timeout = timeout
         self.active = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()
 
     @property
     def depth(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> float:
-        """Wait for a slot; returns the seconds waited. Raises QueueFull or QueueTimeout."""
-        if self.active < self.capacity and not self._waiters:
-            self.active += 1
+    @property
+    def saturated(self) -> bool:
+        """Every slot is held: a new request waits in the queue (or is refused when it is full)."""
+        return self.active >= self.capacity
+
+    async def acquire(self, weight: int = 1) -> float:
+        """Wait for `weight` slots; returns the seconds waited. Raises QueueFull or QueueTimeout."""
+        if self.active + weight <= self.capacity and not self._waiters:
+            self.active += weight
             return 0.0
         if self.max_queue and len(self._waiters) >= self.max_queue:
             raise QueueFull
         started = time.monotonic()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        entry = (waiter, weight)
+        self._waiters.append(entry)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.timeout)
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled():
                 if isinstance(exc, TimeoutError):
-                    return time.monotonic() - started  # the slot arrived together with the deadline: keep it
-                self.release()  # we were handed a slot but are leaving: pass it on
+                    return time.monotonic() - started  # the slots arrived together with the deadline: keep them
+                self.release(weight)  # we were granted slots but are leaving: pass them on
             else:
                 waiter.cancel()
-                self._waiters.remove(waiter)
+                self._waiters.remove(entry)
+                self._grant()  # a heavy waiter that leaves may let lighter ones behind it in
             if isinstance(exc, TimeoutError):
                 raise QueueTimeout from None
             raise
         return time.monotonic() - started
 
-    def release(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the slot moves to the oldest waiter; `active` is unchanged
-                return
-        self.active -= 1
+    def release(self, weight: int = 1) -> None:
+        self.active -= weight
+        self._grant()
 
+    def _grant(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter, weight = waiters[0]
+            if waiter.done():
+                waiters.popleft()
+                continue
+            if self.active + weight > self.capacity:
+                return
+            waiters.popleft()
+            self.active += weight
+            waiter.set_result(None)

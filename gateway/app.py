@@ -25,12 +25,14 @@ from gateway.appkeys import (
     ADMISSION,
     ANSWER,
     BACKEND,
+    CONNECTIONS,
     CORS,
     DRAIN,
     FAILURES,
     KEY_ID,
     KEYS,
     LIMITER,
+    LIMITS,
     METRICS,
     OBSERVER,
     RATE,
@@ -45,15 +47,17 @@ from gateway.appkeys import (
     UPSTREAM,
 )
 from gateway.auth import KeyStore, bearer_token, utcnow
+from gateway.connections import Connections
 from gateway.cors import Cors
 from gateway.decorate import decorate
-from gateway.errors import error_response
+from gateway.errors import CLIENT_CLOSED, error_response
 from gateway.metrics import Metrics
 from gateway.observe import Observer
 from gateway.ratelimit import SlidingWindow
 from gateway.requestid import HEADER as REQUEST_ID_HEADER
 from gateway.requestid import RequestIds
 from gateway.stats import Drain, Stats
+from lifecycle.request_rules import Limits
 from lifecycle.settings import Settings
 from lifecycle.supervisor import Supervisor
 from lifecycle.upstream import Upstream
@@ -187,6 +191,9 @@ async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamR
                 if exc.status < 400:
                     raise
                 response = http_error(request, exc)
+            except asyncio.CancelledError:
+                status = CLIENT_CLOSED  # the client left before its answer (a stream counts with its own status)
+                raise
             except Exception:
                 if SENT_STATUS in request:  # a stream already under way: aiohttp can only drop the connection
                     raise
@@ -220,7 +227,8 @@ async def reload_keys(request: web.Request) -> web.Response:
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     backend, settings = app[BACKEND], app[SETTINGS]
     upstream = Upstream(backend.base_url, backend.api_key, connect_timeout=settings.connect_timeout,
-                        stream_idle_timeout=settings.stream_idle_timeout)
+                        stream_idle_timeout=settings.stream_idle_timeout,
+                        max_response_size=settings.max_response_size)
     app[UPSTREAM] = upstream
     yield
     await upstream.close()
@@ -298,6 +306,8 @@ def create_app(
     metrics.set_backend_source(lambda: (backend.up, backend.ready, backend.restarts))
     app[METRICS] = metrics
     app[REQUEST_IDS] = RequestIds()
+    app[LIMITS] = Limits.from_settings(settings)
+    app[CONNECTIONS] = Connections(settings.max_connections, app[REQUEST_IDS], lambda: metrics.reject("connections"))
     app[CORS] = Cors(settings.cors_origins)
     app[LIMITER] = SlidingWindow(60.0)
     app[FAILURES] = SlidingWindow(settings.auth_failure_window)

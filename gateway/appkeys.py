@@ -7,12 +7,14 @@ from aiohttp import web
 from gateway.accesslog import AccessLog
 from gateway.admission import Admission
 from gateway.auth import KeyStore
+from gateway.connections import Connections
 from gateway.cors import Cors
 from gateway.metrics import Metrics
 from gateway.observe import Answer, Observer
 from gateway.ratelimit import Decision, SlidingWindow
 from gateway.requestid import RequestIds
 from gateway.stats import Drain, Stats
+from lifecycle.request_rules import Limits
 from lifecycle.settings import Settings
 from lifecycle.supervisor import Supervisor
 from lifecycle.upstream import Upstream
@@ -31,6 +33,8 @@ METRICS = web.AppKey("metrics", Metrics)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 OBSERVER = web.AppKey("observer", Observer)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
+CONNECTIONS = web.AppKey("connections", Connections)  # open client connections on PORT
+LIMITS = web.AppKey("limits", Limits)  # what lifecycle.request_rules checks request bodies against
 
 # Per-request values, set by the gate middleware and the proxy (typed keys: aiohttp warns about plain strings).
 KEY_ID = web.RequestKey("key_id", str)

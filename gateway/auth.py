@@ -107,3 +107,13 @@ class KeyStore:
                 await self.reload()
             except Exception:  # never let the watcher die
                 log.exception("reloading the keys file failed")
+
+
+def caller_key(ring: KeyRing, header: str) -> KeyEntry | None:
+    """The entry of a known, unexpired key sent in an Authorization header value; None for anything else.
+    (gateway.app.authorize also tells apart why a key is refused, for its error messages.)"""
+    token = bearer_token(header)
+    entry = ring.match(token) if token else None
+    if entry is None or (entry.expires is not None and entry.expired(utcnow())):
+        return None
+    return entry

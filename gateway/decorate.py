@@ -26,3 +26,11 @@ def decorate(request: web.Request, response: web.StreamResponse) -> None:
     decision: Decision | None = request.get(RATE)
     if decision is not None:
         decision.apply(headers)
+    close_after_chunked(request, response)
+
+
+def close_after_chunked(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """A chunked request ends the connection: aiohttp's C parser (3.14.5) carries a trailer header of one request
+    into the next request on the same connection (its Authorization, its Origin), so nothing may follow it."""
+    if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+        response.force_close()

@@ -6,6 +6,8 @@ import json
 
 from aiohttp import web
 
+CLIENT_CLOSED = 499  # nginx's status for a client that left before its answer went out (access log, metrics)
+
 # status -> (type, default code)
 _KINDS: dict[int, tuple[str, str]] = {
     400: ("invalid_request_error", "invalid_request"),
@@ -26,17 +28,21 @@ _KINDS: dict[int, tuple[str, str]] = {
 }
 
 
-def error_body(status: int, message: str, code: str | None = None) -> bytes:
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> bytes:
     kind, default_code = _KINDS.get(status, ("server_error" if status >= 500 else "invalid_request_error", "error"))
-    payload = {"error": {"message": message, "type": kind, "code": code or default_code}}
-    return json.dumps(payload).encode()
+    error: dict[str, str] = {"message": message, "type": kind, "code": code or default_code}
+    if param is not None:
+        error["param"] = param  # the request field at fault, as OpenAI names it
+    return json.dumps({"error": error}).encode()
 
 
 def error_response(
-    status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
+    status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None,
+    param: str | None = None,
 ) -> web.Response:
     return web.Response(
-        status=status, body=error_body(status, message, code), content_type="application/json", headers=headers
+        status=status, body=error_body(status, message, code, param), content_type="application/json",
+        headers=headers,
     )
 
 

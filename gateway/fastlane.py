@@ -2,13 +2,16 @@
 
 PORT is served by this asyncio protocol, with HTTP parsed by httptools. A request takes the fast lane only when it
 is the common case, which is decided before anything is done for it:
-1. it arrived whole and alone in one read (nothing half-sent, nothing pipelined behind it), as HTTP/1.1 keep-alive,
-   with a Content-Length body (none for GET), within the header limits and MAX_REQUEST_BODY_SIZE;
-2. it is POST /v1/chat/completions, /v1/completions or /v1/embeddings with a JSON object (streamed or not), or
-   GET /v1/models, with no query string, and no Origin, Expect, Upgrade or Transfer-Encoding header;
+1. it arrived whole and alone in one read (nothing half-sent, nothing pipelined behind it), as HTTP/1.1 keep-alive
+   (no `Connection: close`), with exactly one Host header and a Content-Length body (none for GET), within the
+   header limits and MAX_REQUEST_BODY_SIZE;
+2. it is POST /v1/chat/completions, /v1/completions or /v1/embeddings, or GET /v1/models, with no query string,
+   and no Origin, Expect, Upgrade or Transfer-Encoding header;
 3. the backend is ready and the gateway is not draining;
-4. with AUTH_ENABLED, its key is known and unexpired, its address is not blocked for failed keys, and its rate
-   limit lets it through (the last check, the only one that uses anything up).
+4. with AUTH_ENABLED, its key is known and unexpired and its address is not blocked for failed keys (before the
+   body is parsed);
+5. its body passes lifecycle.request_rules (strict JSON, capped fields), the same functions aiohttp's lane calls;
+6. its rate limit lets it through (the last check, the only one that uses anything up).
 Anything else hands the connection, with every byte of that request, to aiohttp's server, which runs the whole gate
 (gateway.app) and keeps the connection from then on. So refusals, preflights, probes and odd framing have one
 implementation, aiohttp's; a handed-over request is checked again from scratch, and nothing was counted for it.
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 import time
@@ -40,18 +42,21 @@ from gateway.admission import QueueFull, QueueTimeout
 from gateway.appkeys import (
     ADMISSION,
     BACKEND,
+    CONNECTIONS,
     DRAIN,
     FAILURES,
     KEYS,
     LIMITER,
+    LIMITS,
     METRICS,
     OBSERVER,
     REQUEST_IDS,
     SETTINGS,
     STATS,
 )
-from gateway.auth import bearer_token, utcnow
-from gateway.errors import error_body
+from gateway.auth import caller_key
+from gateway.connections import GatewayServer, WriteStall
+from gateway.errors import CLIENT_CLOSED, error_body
 from gateway.metrics import StreamTail
 from gateway.observe import JSON, SSE, Answer
 from gateway.proxy import (
@@ -65,6 +70,7 @@ from gateway.proxy import (
     relay,
 )
 from gateway.ratelimit import Decision
+from lifecycle.request_rules import RequestRejected, admit_body
 from lifecycle.upstream import Reply, Stream
 
 log = logging.getLogger("gateway.fastlane")
@@ -86,13 +92,14 @@ class Job(NamedTuple):
     request_id: str
     key_id: str
     decision: Decision | None  # the rate limit's, for its headers (None with AUTH_ENABLED=false)
+    slots: int  # backend slots it holds (lifecycle.request_rules.slots_needed)
 
 
 class FastLane:
     """The protocol factory for PORT; one per app. Holds what the hot path reads, looked up once, and the open
     fast-lane connections (closed at shutdown)."""
 
-    def __init__(self, app: web.Application, server: web.Server, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, app: web.Application, server: GatewayServer, loop: asyncio.AbstractEventLoop) -> None:
         self.server = server  # aiohttp's protocol factory: takes the connections handed over
         self.loop = loop
         self.app = app
@@ -100,7 +107,7 @@ class FastLane:
         self.backend, self.drain, self.stats = app[BACKEND], app[DRAIN], app[STATS]
         self.admission, self.metrics, self.observer = app[ADMISSION], app[METRICS], app[OBSERVER]
         self.keys, self.limiter, self.failures = app[KEYS], app[LIMITER], app[FAILURES]
-        self.request_ids = app[REQUEST_IDS]
+        self.request_ids, self.limits, self.open = app[REQUEST_IDS], app[LIMITS], app[CONNECTIONS]
         self.post_routes = {path.encode(): path for path in JSON_ROUTES}
         self.get_routes = {path.encode(): path for path in GET_ROUTES}
         self.max_headers, self.max_line = settings.max_headers, settings.max_header_line_size
@@ -141,6 +148,8 @@ class FastConnection(asyncio.Protocol):
         self.last_active = 0.0
         self.idle: asyncio.TimerHandle | None = None
         self.drained: asyncio.Future[None] | None = None  # a stream waiting for a slow client
+        self.stall = WriteStall(lane.settings.client_timeout)
+        self.counted = False  # in lane.open (MAX_CONNECTIONS) until it closes or is handed over
         # the request being answered: the status whose headers went out, and what gateway.observe reads
         self.sent = 0
         self.answer: Answer | None = None
@@ -151,10 +160,14 @@ class FastConnection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._messages = 0
         self._complete = False
+        self._keep_alive = False  # read when the headers are in: llhttp resets it once the message is complete
 
     # --- asyncio.Protocol -------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.lane.open.admit(transport):
+            return  # over MAX_CONNECTIONS: answered 503 and closed
+        self.counted = True
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         if isinstance(peer, (tuple, list)) and peer:
@@ -168,6 +181,10 @@ class FastConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lane.connections.discard(self)
+        self.stall.resumed()
+        if self.counted:
+            self.counted = False
+            self.lane.open.release()
         self.transport = None
         if self.idle is not None:
             self.idle.cancel()
@@ -176,6 +193,8 @@ class FastConnection(asyncio.Protocol):
             self.task.cancel()  # the client left: leave the queue, or drop the upstream request
 
     def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return  # refused (MAX_CONNECTIONS)
         if self.task is not None or self.write_paused:
             self._hold(data)
             return
@@ -183,8 +202,10 @@ class FastConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.stall.paused(self.transport)
 
     def resume_writing(self) -> None:
+        self.stall.resumed()
         self.write_paused = False
         if self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
@@ -202,6 +223,9 @@ class FastConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
 
+    def on_headers_complete(self) -> None:
+        self._keep_alive = self.parser.should_keep_alive()
+
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
 
@@ -214,6 +238,7 @@ class FastConnection(asyncio.Protocol):
         """`data` starts a new request: answer it here, or hand it to aiohttp."""
         started = time.monotonic()
         self._url, self._headers, self._body, self._messages, self._complete = b"", [], [], 0, False
+        self._keep_alive = False
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
@@ -230,9 +255,13 @@ class FastConnection(asyncio.Protocol):
         self.task = self.lane.loop.create_task(self._answer(job))
 
     def _admit(self, started: float) -> Job | None:
-        """The job when the fast lane takes the request, else None. Nothing is used up unless it returns a job."""
+        """The job when the fast lane takes the request, else None. Nothing is used up unless it returns a job.
+
+        The cheap checks come first: framing and headers, then the key (before the body is parsed, so a caller
+        without a key costs no JSON parsing), then the body's rules (lifecycle.request_rules), and the rate limit
+        last, the only check that uses anything up."""
         lane, parser = self.lane, self.parser
-        if parser.get_http_version() != "1.1" or not parser.should_keep_alive():
+        if parser.get_http_version() != "1.1" or not self._keep_alive:
             return None
         method = parser.get_method()
         routes = lane.post_routes if method == b"POST" else lane.get_routes if method == b"GET" else None
@@ -243,6 +272,7 @@ class FastConnection(asyncio.Protocol):
         if len(headers) > lane.max_headers:
             return None
         token = request_id = length = None
+        hosts = 0
         for name, value in headers:
             if len(name) + len(value) + 2 > lane.max_line:
                 return None
@@ -259,51 +289,55 @@ class FastConnection(asyncio.Protocol):
                 if length is not None:
                     return None
                 length = value
+            elif lowered == b"host":
+                hosts += 1
             elif lowered in _HAND_OVER:
                 return None
-        body: bytes | None = None
-        stream = False
-        if method == b"POST":
-            body = b"".join(self._body)
-            if length is None or len(body) > lane.max_body:
-                return None
-            try:
-                parsed = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
-                return None
-            if not isinstance(parsed, dict):
-                return None
-            stream = parsed.get("stream") is True
-        elif self._body:
-            return None
+        if hosts != 1:
+            return None  # HTTP/1.1 needs exactly one Host: aiohttp's lane refuses the rest
         try:
             auth = token.decode("ascii") if token else ""
             rid = request_id.decode("ascii") if request_id else None
         except UnicodeDecodeError:
             return None
-        taken = self._authorize(auth)
-        if taken is None:
+        key = self._key(auth)
+        if key is None:
             return None
-        key_id, decision = taken
-        return Job(started, method.decode(), path, body, stream, lane.request_ids(rid), key_id, decision)
+        body: bytes | None = None
+        stream, slots = False, 1
+        if method == b"POST":
+            raw = b"".join(self._body)
+            if length is None or len(raw) > lane.max_body:
+                return None
+            try:
+                parsed, body, slots = admit_body(raw, lane.limits)
+            except RequestRejected:
+                return None  # aiohttp's lane gives the 400
+            stream = parsed.get("stream") is True
+        elif self._body:
+            return None
+        key_id, limit = key
+        decision: Decision | None = None
+        if key_id is not None and limit is not None:
+            decision = lane.limiter.check(key_id, limit)
+            if not decision.allowed:
+                return None
+        return Job(started, method.decode(), path, body, stream, lane.request_ids(rid), key_id or "anonymous",
+                   decision, slots)
 
-    def _authorize(self, header: str) -> tuple[str, Decision | None] | None:
-        """(key id, rate decision) when the caller may go on; the rate limit is the one check that uses anything
-        up, so it comes last."""
+    def _key(self, header: str) -> tuple[str | None, int | None] | None:
+        """(key id, its requests-per-minute limit) for a known, unexpired key; (None, None) with auth off; None to
+        hand the request over. Uses nothing up."""
         lane = self.lane
         settings = lane.settings
         if not settings.auth_enabled:
-            return "anonymous", None
+            return None, None
         if not lane.failures.check(self.client, settings.auth_failure_limit, consume=False).allowed:
             return None
-        token = bearer_token(header)
-        entry = lane.keys.ring.match(token) if token else None
-        if entry is None or (entry.expires is not None and entry.expired(utcnow())):
+        entry = caller_key(lane.keys.ring, header)
+        if entry is None:
             return None
-        decision = lane.limiter.check(entry.key_id, entry.rate_limit or settings.max_requests_per_minute)
-        if not decision.allowed:
-            return None
-        return entry.key_id, decision
+        return entry.key_id, entry.rate_limit or settings.max_requests_per_minute
 
     def _hand_over(self, data: bytes) -> None:
         """From now on aiohttp's server owns this connection; `data` is everything since the request began."""
@@ -313,10 +347,12 @@ class FastConnection(asyncio.Protocol):
             self.idle.cancel()
             self.idle = None
         self.transport = None
+        self.stall.resumed()
         if transport is None or transport.is_closing():
             return
         self.lane.stats.handed_over += 1
         protocol = self.lane.server()
+        protocol.counted, self.counted = self.counted, False  # counted once, released when aiohttp's side closes
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         if self.read_paused:
@@ -342,7 +378,7 @@ class FastConnection(asyncio.Protocol):
             else:
                 admission = lane.admission
                 try:
-                    waited = await admission.acquire()
+                    waited = await admission.acquire(job.slots)
                 except (QueueFull, QueueTimeout) as exc:
                     reply, rejected = queue_refusal(lane.app, exc)
                 else:
@@ -354,7 +390,7 @@ class FastConnection(asyncio.Protocol):
                         else:
                             reply = await fetch(lane.app, job.method, job.path, job.body, headers, job.request_id)
                     finally:
-                        admission.release()
+                        admission.release(job.slots)
             if isinstance(reply, Refusal):
                 self._send(reply.status, "application/json", error_body(reply.status, reply.message, reply.code),
                            job, reply.headers)
@@ -363,6 +399,9 @@ class FastConnection(asyncio.Protocol):
                     self.answer = Answer(JSON, reply.body)  # its tokens are counted in the batch (gateway.observe)
                 self._send(reply.status, reply.content_type or "application/json", reply.body, job, None)
             status = self.sent
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED  # the client left before its answer (a stream counts with its own status)
+            raise
         except Exception:
             log.exception("unexpected error on %s %s (request_id=%s)", job.method, job.path, job.request_id)
             if self.sent:  # a stream under way: all that can be done is to drop the connection, as aiohttp does

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 
 from aiohttp import web
 
-from gateway.appkeys import ADMISSION, BACKEND, DRAIN, METRICS, OBSERVER, SETTINGS, STATS, UPSTREAM
+from gateway.appkeys import ADMISSION, BACKEND, DRAIN, KEYS, METRICS, OBSERVER, SETTINGS, STATS, UPSTREAM
+from gateway.auth import caller_key
 from gateway.metrics import negotiate, relabel_backend_metrics
 from gateway.stats import Drain
 from lifecycle.upstream import UpstreamError
@@ -22,14 +24,17 @@ async def ping(_request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     """200 only when the backend is ready and we are not shutting down, 503 otherwise (the seed said 200 while the
-    model was loading)."""
+    model was loading). "saturated" (still 200: requests queue) when every backend slot is held."""
     backend = request.app[BACKEND]
     admission = request.app[ADMISSION]
     settings = request.app[SETTINGS]
     draining = request.app[DRAIN].draining
     ok = backend.ready and not draining
+    status = "draining" if draining else "unavailable"
+    if ok:
+        status = "saturated" if admission.saturated else "ok"
     body: dict[str, object] = {
-        "status": "ok" if ok else ("draining" if draining else "unavailable"),
+        "status": status,
         "backend": backend.state.value,
         "model": backend.model_id,
         "slots": settings.parallel,
@@ -39,8 +44,20 @@ async def health(request: web.Request) -> web.Response:
     }
     if backend.last_error and not backend.ready:
         body["error"] = backend.last_error
-        body["log_tail"] = backend.last_log_lines[-10:]
+        if may_see_backend_log(request):  # llama-server's log can quote what other callers sent
+            body["log_tail"] = backend.last_log_lines[-10:]
     return web.json_response(body, status=200 if ok else 503)
+
+
+def may_see_backend_log(request: web.Request) -> bool:
+    """Callers on this machine, and callers with a valid API key when AUTH_ENABLED."""
+    try:
+        if request.remote is not None and ipaddress.ip_address(request.remote).is_loopback:
+            return True
+    except ValueError:
+        pass
+    return request.app[SETTINGS].auth_enabled and caller_key(request.app[KEYS].ring,
+                                                             request.headers.get("Authorization", "")) is not None
 
 
 async def metrics(request: web.Request) -> web.Response:

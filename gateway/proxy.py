@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -16,6 +15,7 @@ from gateway.appkeys import (
     ADMISSION,
     ANSWER,
     BACKEND,
+    LIMITS,
     METRICS,
     REJECTED,
     REQUEST_ID,
@@ -29,7 +29,16 @@ from gateway.decorate import decorate
 from gateway.errors import error_response, sse_error_event
 from gateway.metrics import StreamTail
 from gateway.observe import JSON, SSE, Answer
-from lifecycle.upstream import Reply, Stream, UpstreamConnectError, UpstreamDisconnected, UpstreamError, UpstreamTimeout
+from lifecycle.request_rules import RequestRejected, admit_body
+from lifecycle.upstream import (
+    Reply,
+    Stream,
+    UpstreamConnectError,
+    UpstreamDisconnected,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamTooLarge,
+)
 
 log = logging.getLogger("gateway.proxy")
 
@@ -82,6 +91,9 @@ async def backend_failed(app: web.Application, method: str, path: str, request_i
     """502, or 503 when the backend is restarting: nothing reached it (connect refused), or it died while the
     request was on its way (dropped before any answer, and the llama-server process that is up now exits)."""
     log.warning("backend request %s %s failed: %s (request_id=%s)", method, path, exc, request_id)
+    if isinstance(exc, UpstreamTooLarge):
+        return Refusal(502, f"the model backend's answer is larger than {exc.limit} bytes (MAX_RESPONSE_SIZE)",
+                       "backend_answer_too_large")
     backend = app[BACKEND]
     if isinstance(exc, UpstreamConnectError) or (
         isinstance(exc, UpstreamDisconnected) and not exc.got_bytes and await backend.gone(backend.pid)
@@ -120,18 +132,16 @@ async def read_body(request: web.Request) -> bytes:
 async def proxy_json(request: web.Request) -> web.StreamResponse:
     if (refused := _unavailable(request)) is not None:
         return refused
-    body = await read_body(request)
-    try:
-        parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return error_response(400, "the request body is not valid JSON", "invalid_json")
-    if not isinstance(parsed, dict):
-        return error_response(400, "the request body must be a JSON object", "invalid_json")
-    # Only now, with the whole body in hand, does the request wait for a backend slot.
     app = request.app
+    try:
+        parsed, body, slots = admit_body(await read_body(request), app[LIMITS])
+    except RequestRejected as exc:
+        request[REJECTED] = "invalid"
+        return error_response(400, str(exc), exc.code, param=exc.param)
+    # Only now, with the whole body in hand and checked, does the request wait for its backend slots.
     admission, metrics = app[ADMISSION], app[METRICS]
     try:
-        waited = await admission.acquire()
+        waited = await admission.acquire(slots)
     except (QueueFull, QueueTimeout) as exc:
         refusal, request[REJECTED] = queue_refusal(app, exc)
         return refusal.response()
@@ -145,7 +155,7 @@ async def proxy_json(request: web.Request) -> web.StreamResponse:
             request[ANSWER] = Answer(JSON, response.body)  # its tokens are counted in the batch (gateway.observe)
         return response
     finally:
-        admission.release()
+        admission.release(slots)
 
 
 async def proxy_get(request: web.Request) -> web.StreamResponse:
@@ -180,7 +190,7 @@ async def open_events(
         return resp
     async with resp:
         try:
-            return Reply(resp.status, resp.content_type, await resp.read_all())
+            return Reply(resp.status, resp.content_type, await resp.read_all(app[SETTINGS].max_response_size))
         except UpstreamError as exc:
             return await backend_failed(app, "POST", path, request_id, exc)
 

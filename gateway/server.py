@@ -13,12 +13,14 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.app import create_app
-from gateway.appkeys import STATS
+from gateway.appkeys import CONNECTIONS, REQUEST_IDS, STATS
+from gateway.connections import Connections, adopt
 from gateway.fastlane import FastLane
 from gateway.health import create_health_app
 from gateway.stats import Drain
@@ -29,15 +31,18 @@ from lifecycle.settings import Settings
 from lifecycle.supervisor import BackendStartError, Supervisor
 
 log = logging.getLogger("gateway.server")
+MAX_PARSED_LINE = 4 * 8192
 
 
 def _limits(settings: Settings) -> dict[str, float]:
-    # The exact limits (414, 431) are answered by limits_middleware with OpenAI-shaped errors; aiohttp's parser
-    # only stops what is far beyond them (with a plain 400), so nothing unbounded is ever buffered.
+    # aiohttp's parser stops headers at the nominal limits (MAX_HEADERS lines of MAX_HEADER_LINE_SIZE), so a
+    # connection that never finishes its headers holds at most that much; gateway.connections answers its refusals
+    # as OpenAI-shaped 431s. The request line may be longer than the 414 limit the gate answers exactly, up to
+    # this bound.
     return {
-        "max_line_size": 4 * 8192,
-        "max_field_size": 4 * settings.max_header_line_size,
-        "max_headers": 4 * settings.max_headers,
+        "max_line_size": MAX_PARSED_LINE,
+        "max_field_size": settings.max_header_line_size,
+        "max_headers": settings.max_headers,
         # A stalled client (idle, or stuck inside its headers) is dropped after CLIENT_TIMEOUT; after an early
         # error answer (408, 413) the unread rest of a body is drained for at most 2 s.
         "keepalive_timeout": settings.client_timeout,
@@ -73,7 +78,9 @@ class _Listener:
         await self.runner.cleanup()
 
 
-async def _listen(app: web.Application, host: str, port: int, settings: Settings, fast: bool) -> _Listener:
+async def _listen(
+    app: web.Application, host: str, port: int, settings: Settings, fast: bool, connections: Connections
+) -> _Listener:
     # handler_cancellation: a client that disconnects cancels its handler at once, so it leaves the queue, or
     # its upstream request is closed and llama-server stops generating for nobody.
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0,
@@ -81,12 +88,14 @@ async def _listen(app: web.Application, host: str, port: int, settings: Settings
     await runner.setup()
     listener = _Listener(runner)
     try:
-        if fast and runner.server is not None:
-            loop = asyncio.get_running_loop()
-            listener.lane = FastLane(app, runner.server, loop)
-            listener.server = await loop.create_server(listener.lane, host, port, backlog=1024, reuse_address=True)
-        else:
-            await web.TCPSite(runner, host, port, backlog=1024).start()
+        assert runner.server is not None
+        server = adopt(runner.server, connections, settings.client_timeout)
+        loop = asyncio.get_running_loop()
+        factory: Callable[[], asyncio.BaseProtocol] = server
+        if fast:
+            listener.lane = FastLane(app, server, loop)
+            factory = listener.lane
+        listener.server = await loop.create_server(factory, host, port, backlog=1024, reuse_address=True)
     except BaseException:
         await runner.cleanup()
         raise
@@ -125,9 +134,12 @@ async def serve(settings: Settings) -> int:
     app = create_app(settings, backend, drain)
     listeners: list[_Listener] = []
     try:
-        for one, port, fast in ((create_health_app(drain), settings.port_health, False),
-                                (app, settings.port, settings.fast_lane)):
-            listeners.append(await _listen(one, settings.host, port, settings, fast))
+        for one, port, fast, connections in (
+            (create_health_app(drain), settings.port_health, False,
+             Connections(settings.max_connections, app[REQUEST_IDS])),
+            (app, settings.port, settings.fast_lane, app[CONNECTIONS]),
+        ):
+            listeners.append(await _listen(one, settings.host, port, settings, fast, connections))
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, port, exc.strerror or exc)
         for listener in listeners:

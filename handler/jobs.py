@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from lifecycle.request_rules import Limits, RequestRejected, admit_body
+
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
 
 # Sampling parameters llama-server understands, with the JSON types each accepts.
@@ -130,3 +132,20 @@ def _native(job_input: dict[str, Any]) -> BackendCall:
         raise JobInputError("prompt must be a non-empty string")
     body["prompt"] = prompt
     return BackendCall("POST", "/v1/completions", body, stream=stream, native=True)
+
+
+def encode_body(call: BackendCall, limits: Limits) -> bytes | None:
+    """The bytes to send for `call`, after the same body rules as the HTTP gateway (lifecycle.request_rules):
+    strict JSON and capped fields. Raises JobInputError naming what is wrong."""
+    if call.body is None:
+        return None
+    try:
+        raw = json.dumps(call.body, allow_nan=False, ensure_ascii=False).encode()
+    except ValueError:  # NaN or Infinity (Python's json reads them), or a lone surrogate
+        raise JobInputError("job input has a value that is not valid JSON (NaN, Infinity or a lone surrogate)") \
+            from None
+    try:
+        return admit_body(raw, limits)[1]
+    except RequestRejected as exc:
+        where = "sampling_params." if call.native and exc.param else ("openai_input." if exc.param else "")
+        raise JobInputError(str(exc) if not exc.param else f"{where}{exc}") from None

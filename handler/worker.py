@@ -18,7 +18,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from handler.jobs import BackendCall, JobInputError, parse_job_input
+from handler.jobs import BackendCall, JobInputError, encode_body, parse_job_input
+from lifecycle.request_rules import Limits
 from lifecycle.settings import Settings
 from lifecycle.supervisor import Supervisor
 from lifecycle.upstream import Reply, Stream, Upstream, UpstreamConnectError, UpstreamDisconnected, UpstreamError
@@ -84,6 +85,7 @@ class JobHandler:
         self.settings = settings
         self.backend = backend
         self.backend_wait = settings.backend_wait if backend_wait is None else backend_wait
+        self.limits = Limits.from_settings(settings)
         self._upstreams: dict[asyncio.AbstractEventLoop, Upstream] = {}
 
     def _upstream(self) -> Upstream:
@@ -91,7 +93,8 @@ class JobHandler:
         loop = asyncio.get_running_loop()
         upstream = self._upstreams.get(loop)
         if upstream is None:
-            upstream = Upstream(self.backend.base_url, self.backend.api_key)
+            upstream = Upstream(self.backend.base_url, self.backend.api_key,
+                                max_response_size=self.settings.max_response_size)
             self._upstreams[loop] = upstream
         return upstream
 
@@ -108,6 +111,7 @@ class JobHandler:
         job_id = job.get("id", "?")
         try:
             call = parse_job_input(job.get("input"), self.settings.max_request_body_size)
+            body = encode_body(call, self.limits)
         except JobInputError as exc:
             log.info("job %s rejected: %s", job_id, exc)
             yield {"error": str(exc)}
@@ -118,7 +122,6 @@ class JobHandler:
             yield {"error": self._not_ready()}
             return
         upstream = self._upstream()
-        body = json.dumps(call.body).encode() if call.body is not None else None
         headers = {"Content-Type": "application/json"} if body is not None else None
         while True:
             pid = self.backend.pid

@@ -116,6 +116,10 @@ class Settings:
     max_request_body_size: int = 10 * 1024 * 1024
     max_headers: int = 64
     max_header_line_size: int = 8192
+    max_connections: int = 1024
+    max_tokens: int = 4096
+    max_response_size: int = 64 * 1024 * 1024
+    shared_prompt_cache: bool = True
 
     ngl: int = 99
     ctx: int = 16384
@@ -249,6 +253,10 @@ class Settings:
             max_request_body_size=r.int("MAX_REQUEST_BODY_SIZE", 10 * 1024 * 1024, minimum=1),
             max_headers=r.int("MAX_HEADERS", 64, minimum=1),
             max_header_line_size=r.int("MAX_HEADER_LINE_SIZE", 8192, minimum=256),
+            max_connections=r.int("MAX_CONNECTIONS", 1024, minimum=1),
+            max_tokens=r.int("MAX_TOKENS", 4096, minimum=1),
+            max_response_size=r.int("MAX_RESPONSE_SIZE", 64 * 1024 * 1024, minimum=1024),
+            shared_prompt_cache=r.bool("SHARED_PROMPT_CACHE", True),
             ngl=r.int("NGL", 99, minimum=0),
             ctx=r.int("CTX", 16384, minimum=0),
             threads=r.int("THREADS", 0),

@@ -96,6 +96,8 @@ def backend_command(settings: Settings, binary: Path, model: Path, key_file: Pat
         "-c", str(settings.ctx),
         "-ngl", str(settings.ngl),
         "--parallel", str(settings.parallel),
+        # MAX_TOKENS for requests that give no max_tokens (or -1); the gateway refuses any larger one
+        "-n", str(settings.max_tokens),
         "--api-key-file", str(key_file),
     ]
     if settings.threads:

@@ -42,6 +42,14 @@ class UpstreamTimeout(UpstreamError):
     pass
 
 
+class UpstreamTooLarge(UpstreamError):
+    """The backend's whole answer is larger than MAX_RESPONSE_SIZE: it was dropped, not buffered."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the backend's answer is larger than {limit} bytes (MAX_RESPONSE_SIZE)")
+        self.limit = limit
+
+
 class UpstreamDisconnected(UpstreamError):
     def __init__(self, got_bytes: bool) -> None:
         super().__init__("the backend closed the connection" + (" mid-answer" if got_bytes else ""))
@@ -58,14 +66,16 @@ class Reply:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; at most one request in flight."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_size: int | None = None) -> None:
         self.loop = loop
+        self.max_size = max_size
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
         self._parser: httptools.HttpResponseParser | None = None
         self._waiter: asyncio.Future[Reply] | None = None
         self._chunks: list[bytes] = []
+        self._size = 0
         self._content_type = ""
         self._got_bytes = False
 
@@ -95,8 +105,15 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
+        self._size += len(body)
+        if self.max_size is not None and self._size > self.max_size:
+            self._chunks, self._parser = [], None  # drop what came; the connection is out of step now
+            self._fail(UpstreamTooLarge(self.max_size))
+            self.close()
 
     def on_message_complete(self) -> None:
+        if self._parser is None:
+            return  # dropped as too large
         parser, self._parser = self._parser, None
         assert parser is not None
         reply = Reply(parser.get_status_code(), self._content_type, b"".join(self._chunks))
@@ -109,7 +126,7 @@ class _Connection(asyncio.Protocol):
     def send(self, data: bytes) -> asyncio.Future[Reply]:
         assert self.transport is not None and self._parser is None
         self._parser = httptools.HttpResponseParser(self)
-        self._content_type, self._got_bytes = "", False
+        self._content_type, self._got_bytes, self._size = "", False, 0
         self._waiter = self.loop.create_future()
         self.transport.write(data)
         return self._waiter
@@ -244,10 +261,15 @@ class Stream(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
-    async def read_all(self) -> bytes:
-        pieces = []
+    async def read_all(self, max_size: int | None = None) -> bytes:
+        """The rest of the body; UpstreamTooLarge (and the connection closed) once it passes `max_size` bytes."""
+        pieces, size = [], 0
         while piece := await self.read():
             pieces.append(piece)
+            size += len(piece)
+            if max_size is not None and size > max_size:
+                self.close()
+                raise UpstreamTooLarge(max_size)
         return b"".join(pieces)
 
     def close(self) -> None:
@@ -263,7 +285,8 @@ class Stream(asyncio.Protocol):
 
 class Upstream:
     def __init__(
-        self, base_url: str, api_key: str, *, connect_timeout: float = 10.0, stream_idle_timeout: float | None = None
+        self, base_url: str, api_key: str, *, connect_timeout: float = 10.0, stream_idle_timeout: float | None = None,
+        max_response_size: int | None = None,
     ) -> None:
         url = urlsplit(base_url)
         self.base_url = base_url.rstrip("/")
@@ -271,6 +294,7 @@ class Upstream:
         self.auth = f"Bearer {api_key}"
         self.connect_timeout = connect_timeout
         self.stream_idle_timeout = stream_idle_timeout
+        self.max_response_size = max_response_size  # of a whole answer (fetch); streams are passed on, not kept
         self._prefix = f"Host: {self.host}:{self.port}\r\nAuthorization: {self.auth}\r\n"
         self._idle: list[_Connection] = []
 
@@ -291,7 +315,8 @@ class Upstream:
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Connection(loop), self.host, self.port)
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop, self.max_response_size), self.host, self.port)
         except (OSError, TimeoutError) as exc:
             raise UpstreamConnectError(f"cannot connect to the backend at {self.host}:{self.port}: {exc}") from None
         return conn
