@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from lifecycle.upstream import Upstream, UpstreamConnectError, UpstreamDisconnected, UpstreamTimeout
+from lifecycle.upstream import Upstream, UpstreamConnectError, UpstreamDisconnected, UpstreamTimeout, UpstreamTooLarge
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
 
@@ -348,3 +348,53 @@ def test_stream_faster_than_its_reader_loses_nothing() -> None:
             assert got == b"".join(events)
 
     asyncio.run(run())
+
+
+class BigAnswer(Served):
+    """Answers every request with `size` bytes, whole (Content-Length) or as one SSE-less chunked body."""
+
+    def __init__(self, size: int, chunked: bool = False) -> None:
+        self.size, self.chunked = size, chunked
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length")), 0)
+            await reader.readexactly(length)
+            body = b"x" * self.size
+            if self.chunked:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for start in range(0, len(body), 65536):
+                    piece = body[start:start + 65536]
+                    writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                writer.write(b"0\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+                             % (len(body), body))
+            await writer.drain()
+        writer.close()
+
+
+def test_a_whole_answer_over_max_response_size_is_dropped_not_buffered() -> None:
+    async def main() -> None:
+        async with BigAnswer(5_000_000) as url:
+            up = Upstream(url, "k", max_response_size=100_000)
+            with pytest.raises(UpstreamTooLarge):
+                await up.fetch("POST", "/v1/completions", body=b"{}")
+            assert not up._idle  # the connection is out of step: never reused
+        async with BigAnswer(50_000) as url:
+            reply = await Upstream(url, "k", max_response_size=100_000).fetch("POST", "/v1/completions", body=b"{}")
+            assert len(reply.body) == 50_000
+
+    asyncio.run(main())
+
+
+def test_a_non_stream_answer_read_whole_from_a_stream_is_capped_too() -> None:
+    async def main() -> None:
+        async with BigAnswer(1_000_000, chunked=True) as url:
+            stream = await Upstream(url, "k").open_stream("POST", "/v1/completions", body=b"{}")
+            with pytest.raises(UpstreamTooLarge):
+                await stream.read_all(100_000)
+
+    asyncio.run(main())
