@@ -219,9 +219,14 @@ def _observe(request: web.Request, status: int, duration: float) -> None:
 
 
 async def reload_keys(request: web.Request) -> web.Response:
+    """Read the keys file now. Never a 500: a file that cannot be read leaves no key (fail closed), and the answer
+    says why in `warning` (without any of the file's content)."""
     store = request.app[KEYS]
     await store.reload(force=True)
-    return web.json_response({"status": "reloaded", "keys": len(store.ring)})
+    body: dict[str, object] = {"status": "reloaded", "keys": len(store.ring)}
+    if store.problem is not None:
+        body["warning"] = store.problem
+    return web.json_response(body)
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -316,11 +321,12 @@ def create_app(
     if settings.auth_enabled:
         store.load()
         if not store.ring:
+            from gateway.keys import command as keys_cli_command  # (only needed for this hint)
+
             log.warning(
                 "AUTH_ENABLED=true but no API keys were loaded from %s: every API request gets 401. "
-                "Create one with: python -m gateway.keys generate --name my-app (or set AUTH_ENABLED=false for "
-                "local tests)",
-                settings.keys_file,
+                "Create one with: %s (or set AUTH_ENABLED=false for local tests)",
+                settings.keys_file, keys_cli_command(settings.keys_file, "generate", "--name", "my-app"),
             )
         app.cleanup_ctx.append(_keys_ctx)
     app.cleanup_ctx.append(_upstream_ctx)

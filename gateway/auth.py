@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
+import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.keyfile import KeyEntry, digest, parse_keys
+from gateway.keyfile import KeyEntry, digest, parse_keys, read_text
 
 log = logging.getLogger("gateway.auth")
 
@@ -53,38 +55,76 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+Stamp = tuple[int, int, int, int, int]
+MISSING = "the keys file is missing"
+
+
+def _stamp(st: os.stat_result) -> Stamp:
+    # ctime too: a chmod that makes an unreadable file readable changes nothing else, and must be picked up.
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
+def too_open(mode: int) -> bool:
+    """Group or others may read or write the file (what ssh refuses for a private key)."""
+    return bool(mode & 0o077)
+
+
 class KeyStore:
-    """Owns the current KeyRing. Reloads happen off the request path: file I/O runs in a worker thread."""
+    """Owns the current KeyRing. Reloads happen off the request path: file I/O runs in a worker thread.
+
+    A keys file that cannot be read fails closed: the ring becomes empty (every API request gets 401) and one
+    warning names the file and the kind of error, never its content. Reading never raises, so neither start-up,
+    SIGHUP, the watcher nor `POST /reload` can fail on a bad file, and no exception text (which could quote the
+    file) reaches a log.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.ring = KeyRing()
-        self._stamp: tuple[int, int, int] | None = None
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+        self.problem: str | None = None  # why the last read loaded nothing, in words without any key
+        self._stamp: Stamp | None = None
+        self._warned_modes: set[tuple[str, int]] = set()
 
     def _read(self, force: bool) -> KeyRing | None:
-        stamp = self._stat()
+        """The new ring, or None when the file is unchanged since the last read (and `force` is false)."""
+        try:
+            st: os.stat_result | None = os.stat(self.path)
+        except OSError:
+            st = None
+        stamp = None if st is None else _stamp(st)
         if not force and stamp == self._stamp:
             return None
+        # Taken before the read: a change made while reading shows up as a new stamp at the next check.
         self._stamp = stamp
-        if stamp is None:
-            if force or self.ring:
+        if st is None:
+            if force or self.problem != MISSING:
                 log.warning("keys file %s is missing: no API keys loaded", self.path)
+            self.problem = MISSING
             return KeyRing()
+        self._check_mode(st.st_mode)
         try:
-            text = self.path.read_text()
-        except OSError as exc:
-            log.warning("cannot read keys file %s: %s", self.path, exc.strerror)
+            ring = KeyRing(tuple(parse_keys(read_text(self.path), str(self.path))))
+        except Exception as exc:  # fail closed on anything; the text of `exc` may quote the file, so only its type
+            reason = type(exc).__name__
+            if isinstance(exc, OSError) and exc.strerror:
+                reason += f": {exc.strerror}"
+            log.warning("cannot read keys file %s (%s): no API keys loaded, every API request gets 401",
+                        self.path, reason)
+            self.problem = f"cannot read the keys file ({reason})"
             return KeyRing()
-        ring = KeyRing(tuple(parse_keys(text, str(self.path))))
+        self.problem = None
         log.info("loaded %d API key(s) from %s", len(ring), self.path)
         return ring
+
+    def _check_mode(self, mode: int) -> None:
+        """Warn once per file and mode, as ssh does, when others may read the keys."""
+        mode = stat.S_IMODE(mode)
+        seen = (str(self.path), mode)
+        if not too_open(mode) or seen in self._warned_modes:
+            return
+        self._warned_modes.add(seen)
+        log.warning("keys file %s has mode %04o: other users can read or change it; restrict it with: chmod 600 %s",
+                    self.path, mode, shlex.quote(str(self.path)))
 
     def load(self) -> KeyRing:
         """Blocking first load, before the event loop serves requests."""
@@ -93,7 +133,15 @@ class KeyStore:
         return self.ring
 
     async def reload(self, force: bool = False) -> bool:
-        ring = await asyncio.to_thread(self._read, force)
+        """Read the file again (if it changed, or always with `force`); True when a new ring is in place.
+
+        Never raises (but for cancellation): `_read` fails closed by itself, and anything else is logged by its
+        type alone."""
+        try:
+            ring = await asyncio.to_thread(self._read, force)
+        except Exception as exc:  # e.g. no thread could be started: the ring stays as it was
+            log.warning("reloading keys file %s failed (%s)", self.path, type(exc).__name__)
+            return False
         if ring is None:
             return False
         self.ring = ring
@@ -103,10 +151,7 @@ class KeyStore:
         """Pick up a changed file by itself, checking at most once a second."""
         while True:
             await asyncio.sleep(interval)
-            try:
-                await self.reload()
-            except Exception:  # never let the watcher die
-                log.exception("reloading the keys file failed")
+            await self.reload()
 
 
 def caller_key(ring: KeyRing, header: str) -> KeyEntry | None:

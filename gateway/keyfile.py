@@ -8,6 +8,9 @@ key. `rate_limit` is requests per minute (empty = MAX_REQUESTS_PER_MINUTE); `exp
 date-time, with or without a timezone (naive means UTC; a bare date means the start of that day, UTC); it may
 contain colons. Blank lines and `#` comments are ignored. Bad lines are skipped with a warning that names the
 line number and never the key.
+
+The file is bytes decoded as UTF-8 with `surrogateescape` (see `decode`), by the gateway and the CLI alike: a
+comment with any byte in it (`# owner: M\xfcller` in Latin-1) is just a comment, and both read the same lines.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from pathlib import Path
 
 log = logging.getLogger("gateway.keys")
 
@@ -26,8 +30,34 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _KEY_ID = re.compile(r"[A-Za-z0-9_.@-]+")
 
 
+ENCODING = "utf-8"
+ERRORS = "surrogateescape"  # round-trips any bytes: undecodable ones become U+DC80..U+DCFF and back
+
+
+def decode(data: bytes) -> str:
+    """The keys file's bytes as text, the one way the gateway and the CLI both read it; never fails."""
+    return data.decode(ENCODING, ERRORS)
+
+
+def encode(text: str) -> bytes:
+    """The inverse of `decode`, for writing the file back byte for byte."""
+    return text.encode(ENCODING, ERRORS)
+
+
+def read_text(path: Path) -> str:
+    """The keys file as text (`decode`); raises only OSError."""
+    return decode(path.read_bytes())
+
+
 def digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+    """SHA-256 of the key's bytes. Never fails, whatever the text: a key from a file line or from an HTTP header
+    (aiohttp decodes headers as UTF-8 with surrogateescape, so a byte that is not UTF-8 arrives as a lone
+    surrogate) hashes the bytes that were actually sent."""
+    try:
+        data = key.encode(ENCODING, ERRORS)
+    except UnicodeEncodeError:  # a surrogate that no byte decodes to: not from a file or a header, still a key
+        data = key.encode(ENCODING, "surrogatepass")
+    return hashlib.sha256(data).digest()
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import fcntl
 import os
 import re
 import secrets
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -31,14 +32,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from gateway.keyfile import HASH_MARK, KeyEntry, KeyLineError, digest, parse_expiry, parse_line
+from gateway.keyfile import HASH_MARK, KeyEntry, KeyLineError, digest, encode, parse_expiry, parse_line, read_text
 from lifecycle.settings import Settings, SettingsError
 
 KEY_PREFIX = "sk-"
 FILE_MODE = 0o600
 _RELATIVE = re.compile(r"(\d+)([dhm])")
 _UNITS = {"d": "days", "h": "hours", "m": "minutes"}
-_ENCODING = ("utf-8", "surrogateescape")  # round-trips any bytes, so unrelated lines are kept exactly
 
 
 class KeysError(Exception):
@@ -108,12 +108,12 @@ class KeysFile:
     @classmethod
     def read(cls, path: Path) -> KeysFile:
         try:
-            data = path.read_bytes()
+            text = read_text(path)  # as the gateway reads it; any bytes round-trip, so other lines are kept exactly
         except FileNotFoundError:
-            data = b""
+            text = ""
         except OSError as exc:
-            raise KeysError(f"cannot read {path}: {exc.strerror or exc}") from None
-        return cls(path, data.decode(*_ENCODING).splitlines(keepends=True))
+            raise KeysError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+        return cls(path, text.splitlines(keepends=True))
 
     @property
     def newline(self) -> str:
@@ -172,7 +172,7 @@ def write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode(*_ENCODING))
+            handle.write(encode(text))
             handle.flush()
             os.fchmod(handle.fileno(), FILE_MODE)
             if owner is not None:  # keep the file readable by the user the gateway runs as (works as root)
@@ -211,6 +211,27 @@ def change(path: Path, edit: Callable[[KeysFile], None], missing: str | None = N
             write_atomic(path, keys.text())
         except OSError as exc:
             raise KeysError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def default_file() -> Path | None:
+    """The file this CLI uses when neither --file, AUTH_KEYS_FILE nor DATA_DIR is given (None if unknown)."""
+    try:
+        return Settings.from_env({}).keys_file
+    except SettingsError:
+        return None
+
+
+def command(path: Path, *args: str) -> str:
+    """A shell command line running this CLI on the keys file `path`, as the gateway's hints print it.
+
+    It works as written from any folder and any shell: the Python that runs the gateway, and `--file` with the
+    absolute path unless that is the file the CLI finds by itself without DATA_DIR or AUTH_KEYS_FILE (under
+    `make serve`, DATA_DIR=./data, the bare CLI would look in /data)."""
+    parts = [sys.executable or "python3", "-m", "gateway.keys"]
+    absolute = Path(os.path.abspath(path))
+    if absolute != default_file():
+        parts += ["--file", str(absolute)]
+    return shlex.join([*parts, *args])
 
 
 def resolve_file(given: Path | None) -> Path:

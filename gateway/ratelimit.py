@@ -15,29 +15,39 @@ from collections.abc import Callable, MutableMapping
 class Decision:
     """The outcome of one check: allowed, and the numbers behind the X-RateLimit-* headers.
 
+    `reset` has one meaning, on a 200 and on a 429 alike: the seconds until `remaining` next goes up by one, i.e.
+    until the request that blocks the next one leaves the window. When allowed, that is the oldest request still
+    counted (0 when none is); when refused, it is exactly the moment a request would pass, and `retry_after` is
+    the same number rounded up, at least 1.
+
     A plain slotted class rather than a frozen dataclass: one is made per request, and a frozen dataclass's
     __init__ costs several times as much.
     """
 
-    __slots__ = ("allowed", "limit", "remaining", "reset", "retry_after")
+    __slots__ = ("allowed", "limit", "remaining", "reset")
 
-    def __init__(self, allowed: bool, limit: int, remaining: int, reset: float, retry_after: int) -> None:
+    def __init__(self, allowed: bool, limit: int, remaining: int, reset: float) -> None:
         self.allowed = allowed
         self.limit = limit
         self.remaining = remaining
-        self.reset = reset  # seconds until the window has room for `limit` again
-        self.retry_after = retry_after  # whole seconds until a request would pass (0 when allowed)
+        self.reset = reset
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds until a request would pass: `reset` rounded up, at least 1 (0 when allowed)."""
+        return 0 if self.allowed else max(1, math.ceil(self.reset))
 
     def apply(self, headers: MutableMapping[str, str]) -> None:
-        """Set the rate-limit headers (and Retry-After when refused) on `headers`."""
+        """Set the rate-limit headers (and Retry-After when refused) on `headers`; both lanes use this."""
         headers["X-RateLimit-Limit"] = str(self.limit)
         headers["X-RateLimit-Remaining"] = str(self.remaining)
-        headers["X-RateLimit-Reset"] = str(math.ceil(self.reset))
-        if not self.allowed:
-            headers["Retry-After"] = str(self.retry_after)
+        if self.allowed:
+            headers["X-RateLimit-Reset"] = str(math.ceil(self.reset))
+        else:
+            headers["X-RateLimit-Reset"] = headers["Retry-After"] = str(self.retry_after)
 
 
-_FREE = Decision(True, 0, 0, 0.0, 0)
+_FREE = Decision(True, 0, 0, 0.0)
 
 
 class SlidingWindow:
@@ -61,14 +71,13 @@ class SlidingWindow:
         now = self.clock()
         hits = self._recent(key, now)
         if len(hits) >= limit:
-            # The request passes once the oldest of the last `limit` accepted ones leaves the window.
-            wait = hits[len(hits) - limit] + self.window - now
-            return Decision(False, limit, 0, hits[-1] + self.window - now, max(1, math.ceil(wait)))
+            # A request passes once the oldest of the last `limit` accepted ones leaves the window (more than
+            # `limit` are counted when the key's limit was lowered since).
+            return Decision(False, limit, 0, hits[len(hits) - limit] + self.window - now)
         if consume:
             hits.append(now)
-        remaining = limit - len(hits)
         reset = (hits[0] + self.window - now) if hits else 0.0
-        return Decision(True, limit, remaining, reset, 0)
+        return Decision(True, limit, limit - len(hits), reset)
 
     def add(self, key: str) -> None:
         self._recent(key, self.clock()).append(self.clock())
