@@ -27,6 +27,7 @@ BENCH_FAKE = ROOT / "bench" / "fake_llama_server.py"
 STALL_FAKE = ROOT / "tests" / "fakes" / "fake_llama_server.py"
 LANES = ["true", "false"]
 KEYS_DIR = Path(tempfile.mkdtemp(prefix="attack-keys-"))
+DEEP = b"[" * 20_000 + b"]" * 20_000  # deep enough to exhaust Python's parser, small enough to arrive in one read
 CHAT = {"model": "any", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
@@ -228,7 +229,7 @@ def test_a_backend_answer_over_max_response_size_is_a_502(make_gateway, lane: st
     b'{"messages": [], "temperature": NaN}', b'{"messages": [], "temperature": Infinity}',
     b'{"messages": [], "temperature": 1e400}', b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
     '{"messages": []}'.encode("utf-16"), '{"messages": []}'.encode("utf-32"),
-    b"[" * 100_000 + b"]" * 100_000,
+    DEEP,
 ], ids=["nan", "infinity", "1e400", "lone-surrogate", "utf-16", "utf-32", "deep"])
 def test_bodies_json_would_pass_on_get_a_400(gw: Gateway, body: bytes) -> None:
     got = answers(raw(gw, request(body=body, headers={"Connection": "close"})))
@@ -238,8 +239,7 @@ def test_bodies_json_would_pass_on_get_a_400(gw: Gateway, body: bytes) -> None:
 
 
 def test_an_unauthenticated_body_is_refused_before_it_is_parsed(gw: Gateway) -> None:
-    deep = b"[" * 100_000 + b"]" * 100_000
-    got = answers(raw(gw, request(body=deep, headers={"Authorization": "Bearer sk-nobody-0123456789", "Connection":
+    got = answers(raw(gw, request(body=DEEP, headers={"Authorization": "Bearer sk-nobody-0123456789", "Connection":
                                                       "close"})))
     assert got[0][0] == 401
     assert "Traceback" not in gw.output()
@@ -255,9 +255,10 @@ def test_connection_close_is_honoured(gw: Gateway) -> None:
         got = b""
         while chunk := sock.recv(65536):
             got += chunk
-        assert time.monotonic() - started < 5, "the connection stayed open after Connection: close"
+        assert time.monotonic() - started < 1, "the connection stayed open after Connection: close"
     (answer,) = answers(got)
     assert answer[0] == 200
+    assert answer[1].get("connection", "").lower() == "close"
 
 
 @pytest.mark.parametrize("hosts", [[], ["a", "b"]], ids=["no-host", "two-hosts"])
