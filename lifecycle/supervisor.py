@@ -129,7 +129,8 @@ def backend_env(environ: Mapping[str, str], api_key: str) -> tuple[dict[str, str
 
 def config_files(environ: Mapping[str, str]) -> list[Path]:
     """llama.cpp config files that exist: llama-server applies them under its command line."""
-    base = Path(environ["XDG_CONFIG_HOME"]) if environ.get("XDG_CONFIG_HOME") else Path.home() / ".config"
+    home = Path(environ.get("HOME") or Path.home())
+    base = Path(environ["XDG_CONFIG_HOME"]) if environ.get("XDG_CONFIG_HOME") else home / ".config"
     return [path for path in (*CONFIG_FILES, base / "llama.cpp" / "config.ini") if path.is_file()]
 
 

@@ -17,7 +17,7 @@ from lifecycle.settings import (
     passthrough_methods,
     read_bool,
 )
-from lifecycle.supervisor import BackendStartError, backend_command, backend_env, ensure_writable_dir
+from lifecycle.supervisor import BackendStartError, backend_command, backend_env, config_files, ensure_writable_dir
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 ARG_CPP = (Path.home() / ".cache/llama-gguf-inference/src/llama_cpp_python-0.3.36/vendor/llama.cpp/common/arg.cpp")
@@ -189,3 +189,19 @@ def test_bool_cli_as_a_process() -> None:
                           env={"DEBUG_SHELL": "off", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
                           timeout=30)
     assert (proc.returncode, proc.stdout) == (0, "false\n")
+
+
+def test_llama_cpp_config_files_are_found(tmp_path: Path) -> None:
+    """llama-server reads these under its command line; the supervisor warns about each one that exists."""
+    empty = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path)}
+    assert [path for path in config_files(empty) if path.parts[:2] != ("/", "etc")] == []
+    user = tmp_path / "home" / ".config" / "llama.cpp" / "config.ini"
+    user.parent.mkdir(parents=True)
+    user.write_text("tools = all\n")
+    assert user in config_files({"HOME": str(tmp_path / "home")})
+    assert user not in config_files({"HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "xdg")})
+
+
+def test_lifecycle_does_not_import_aiohttp() -> None:
+    code = "import sys, lifecycle.supervisor, lifecycle.background; sys.exit('aiohttp' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=30).returncode == 0
