@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8000
+# `make serve` (and the `model` step before it) use ./data unless DATA_DIR is set: the same folder for both, so
+# MODEL_NAME=x make serve finds ./data/models/x.
+DATA_DIR := $(or $(DATA_DIR),./data)
 
 .PHONY: setup llama-server model serve test lint bench clean
 
@@ -23,13 +26,14 @@ llama-server: $(STAMP)
 	$(PY) -m lifecycle.llama_server
 
 model: $(STAMP)
-	@$(PY) -m lifecycle.model >/dev/null
+	@DATA_DIR="$(DATA_DIR)" $(PY) -m lifecycle.model >/dev/null
 
 serve: llama-server model
-	@echo "Serving the default model on http://localhost:$(PORT) (HTTP mode); Ctrl-C stops it."
+	@model=$$(DATA_DIR="$(DATA_DIR)" $(PY) -m lifecycle.model) && \
+		echo "Serving $$(basename "$$model") on http://localhost:$(PORT) (HTTP mode); Ctrl-C stops it."
 	@echo "Try: curl http://localhost:$(PORT)/v1/chat/completions -H 'Content-Type: application/json' \\"
 	@echo "       -d '{\"model\": \"any\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'"
-	DATA_DIR=$${DATA_DIR:-./data} AUTH_ENABLED=$${AUTH_ENABLED:-false} PORT=$(PORT) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
+	DATA_DIR="$(DATA_DIR)" AUTH_ENABLED=$${AUTH_ENABLED:-false} PORT=$(PORT) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
 		exec ./entrypoint.sh
 
 lint: $(STAMP)

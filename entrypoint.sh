@@ -4,8 +4,10 @@
 set -euo pipefail
 
 mode=$(python3 -m lifecycle.platform) || exit 2
+# The same boolean rule as every Python setting (true/false, 1/0, yes/no, on/off); a bad value exits 2.
+debug_shell=$(python3 -m lifecycle.settings --bool DEBUG_SHELL) || exit 2
 
-if [[ "${DEBUG_SHELL:-false}" =~ ^([Tt][Rr][Uu][Ee]|1|[Yy][Ee][Ss])$ ]]; then
+if [[ "${debug_shell}" == true ]]; then
     echo "DEBUG_SHELL: mode=${mode}; resolved settings (no secrets):"
     python3 -m lifecycle.settings || true
     echo "DEBUG_SHELL: holding the container; exec into it to debug."

@@ -10,7 +10,7 @@ answers, with HTTP/1.1 keep-alive:
   POST /v1/chat/completions    a small fixed completion; with "stream": true a short SSE stream
   POST /v1/completions         the same, completion-shaped
 
-Every /v1/* request needs `Authorization: Bearer <key>` with a key from --api-key-file (or --api-key).
+Every /v1/* request needs `Authorization: Bearer <key>` with a key from LLAMA_API_KEY, --api-key-file or --api-key.
 Stdlib only (uvloop when importable). The HTTP parsing is deliberately minimal: Content-Length bodies only,
 no chunked request bodies, which is all an OpenAI client or a proxy sends for these routes.
 
@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -260,6 +261,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def load_keys(args: argparse.Namespace) -> frozenset[bytes]:
     keys = {k.encode() for k in args.api_key}
+    if os.environ.get("LLAMA_API_KEY"):  # as llama-server reads it (the gateway passes its per-boot key so)
+        keys.add(os.environ["LLAMA_API_KEY"].encode())
     if args.api_key_file:
         for line in Path(args.api_key_file).read_text().splitlines():
             if line.strip():
@@ -270,7 +273,8 @@ def load_keys(args: argparse.Namespace) -> frozenset[bytes]:
 async def serve(args: argparse.Namespace) -> None:
     keys = load_keys(args)
     if not keys:
-        print("fake-llama-server: no API key given (--api-key-file or --api-key); refusing to start", file=sys.stderr)
+        print("fake-llama-server: no API key given (LLAMA_API_KEY, --api-key-file or --api-key); refusing to start",
+              file=sys.stderr)
         raise SystemExit(1)
     replies = Replies(args.alias or Path(args.model).name, args.stream_chunks)
     loop = asyncio.get_running_loop()

@@ -7,10 +7,13 @@ import ipaddress
 import logging
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway.appkeys import ADMISSION, BACKEND, DRAIN, KEYS, METRICS, OBSERVER, SETTINGS, STATS, UPSTREAM
 from gateway.auth import caller_key
 from gateway.metrics import negotiate, relabel_backend_metrics
+from gateway.requestid import HEADER as REQUEST_ID_HEADER
+from gateway.requestid import RequestIds
 from gateway.stats import Drain
 from lifecycle.upstream import UpstreamError
 
@@ -100,6 +103,7 @@ def add_routes(app: web.Application) -> None:
 
 
 HEALTH_DRAIN = web.AppKey("drain", Drain)
+HEALTH_IDS = web.AppKey("request_ids", RequestIds)
 
 
 async def _alive(request: web.Request) -> web.Response:
@@ -108,10 +112,24 @@ async def _alive(request: web.Request) -> web.Response:
     return web.Response(text="OK")
 
 
+@web.middleware
+async def _request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer of the health port carries an X-Request-ID too (the client's when safe, else a new one)."""
+    rid = request.app[HEALTH_IDS](request.headers.get(REQUEST_ID_HEADER))
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:  # 405 to a POST, ...
+        exc.headers[REQUEST_ID_HEADER] = rid
+        raise
+    response.headers[REQUEST_ID_HEADER] = rid
+    return response
+
+
 def create_health_app(drain: Drain) -> web.Application:
     """PORT_HEALTH: 200 to GET and HEAD on any path, never touching the backend, up before the model loads;
     503 from the moment a shutdown starts, so the platform stops sending traffic."""
-    app = web.Application()
+    app = web.Application(middlewares=[_request_id])
     app[HEALTH_DRAIN] = drain
+    app[HEALTH_IDS] = RequestIds()
     app.router.add_get("/{tail:.*}", _alive)
     return app

@@ -30,6 +30,7 @@ from gateway.errors import error_response, sse_error_event
 from gateway.metrics import StreamTail
 from gateway.observe import JSON, SSE, Answer
 from lifecycle.request_rules import RequestRejected, admit_body
+from lifecycle.settings import passthrough_methods
 from lifecycle.upstream import (
     Reply,
     Stream,
@@ -277,5 +278,5 @@ def add_routes(app: web.Application, passthrough: tuple[str, ...] = ()) -> None:
     for path in GET_ROUTES:
         app.router.add_get(path, proxy_get, allow_head=False)
     for path in passthrough:
-        app.router.add_get(path, proxy_passthrough, allow_head=False)
-        app.router.add_post(path, proxy_passthrough)
+        for method in passthrough_methods(path):  # the one rule; Settings refused the routes it does not allow
+            app.router.add_route(method, path, proxy_passthrough)

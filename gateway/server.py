@@ -28,7 +28,7 @@ from lifecycle.fetch import ProvisionError
 from lifecycle.llama_server import ensure_llama_server, server_version
 from lifecycle.model import resolve_model
 from lifecycle.settings import Settings
-from lifecycle.supervisor import BackendStartError, Supervisor
+from lifecycle.supervisor import BackendStartError, Supervisor, ensure_writable_dir
 
 log = logging.getLogger("gateway.server")
 MAX_PARSED_LINE = 4 * 8192
@@ -179,6 +179,8 @@ async def serve(settings: Settings) -> int:
 
 
 async def _start_backend(settings: Settings, backend: Supervisor) -> None:
+    # An unwritable DATA_DIR fails here with one line, before minutes of provisioning (the supervisor checks again).
+    await asyncio.to_thread(ensure_writable_dir, settings.log_dir, settings.data_dir)
     binary = await asyncio.to_thread(ensure_llama_server, settings.llama_server_bin, settings.cache_dir, os.environ)
     version = await asyncio.to_thread(server_version, binary)
     model = await asyncio.to_thread(resolve_model, settings)

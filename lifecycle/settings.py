@@ -8,6 +8,7 @@ what is allowed; the entry points turn it into one line on stderr and exit code 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from collections.abc import Iterable, Mapping
@@ -48,7 +49,7 @@ class _Reader:
             return True
         if low in _FALSE:
             return False
-        raise SettingsError(f"{name}={value!r} is not a boolean: use true/false, 1/0 or yes/no")
+        raise SettingsError(f"{name}={value!r} is not a boolean: use true/false, 1/0, yes/no or on/off")
 
     def int(self, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
         value = self.raw(name)
@@ -230,6 +231,9 @@ class Settings:
         if model_name is not None and ("/" in model_name or model_name in (".", "..")):
             raise SettingsError(f"MODEL_NAME={model_name!r} is not allowed: use a file name; use MODEL_PATH for paths")
 
+        check_extra_args(extra_args)
+        check_passthrough_routes(routes)
+
         settings = cls(
             data_dir=data_dir,
             models_dir=models_dir,
@@ -294,6 +298,103 @@ class Settings:
         return settings
 
 
+# --- What may reach llama-server: EXTRA_ARGS flags and PASSTHROUGH_ROUTES ------------------------------------------
+# llama-server is ours: bound to 127.0.0.1:PORT_BACKEND, locked with the per-boot key, with nothing armed that lets a
+# caller act on the host. These are the only two ways an operator setting could change that, so each has one rule.
+
+_REBIND = "the gateway binds llama-server to 127.0.0.1:PORT_BACKEND itself (use HOST, PORT, PORT_BACKEND)"
+_AUTH = "the gateway locks llama-server with its own per-boot key (client keys go in AUTH_KEYS_FILE)"
+_HOST = "it lets API callers act on this host through llama-server"
+_ROUTER = "llama-server's router mode (several models) is not supported behind the gateway"
+
+# Flag (as llama.cpp's common/arg.cpp names it, short aliases included) -> why it is refused.
+REFUSED_BACKEND_FLAGS: dict[str, str] = {
+    "--host": _REBIND,
+    "--port": _REBIND,
+    "--reuse-port": _REBIND + "; a second server could take its connections",
+    "--api-prefix": "the gateway calls llama-server's routes at their usual paths",
+    "--ssl-key-file": "the gateway speaks plain HTTP to llama-server on 127.0.0.1",
+    "--ssl-cert-file": "the gateway speaks plain HTTP to llama-server on 127.0.0.1",
+    "--api-key": _AUTH,
+    "--api-key-file": _AUTH,
+    "--tools": _HOST + " (built-in tools: shell commands, file reads and writes)",
+    "--tools-runtime": _HOST + " (built-in tools)",
+    "-ag": _HOST + " (built-in tools and the CORS proxy)",
+    "--agent": _HOST + " (built-in tools and the CORS proxy)",
+    "--mcp-servers-config": _HOST + " (MCP servers)",
+    "--mcp-servers-json": _HOST + " (MCP servers)",
+    "--ui-mcp-proxy": _HOST + " (the /cors-proxy fetches any URL)",
+    "--webui-mcp-proxy": _HOST + " (the /cors-proxy fetches any URL)",
+    "--path": _HOST + " (serves a folder's files)",
+    "--media-path": _HOST + " (file:// URLs read a folder's files)",
+    "--slot-save-path": _HOST + " (POST /slots writes and reads KV-cache files)",
+    "--props": _HOST + " (POST /props changes llama-server's settings)",
+    "--rpc": "it sends the model and the work to other hosts (RPC servers)",
+    "--models-dir": _ROUTER,
+    "--models-preset": _ROUTER,
+    "--models-max": _ROUTER,
+    "--models-autoload": _ROUTER,
+    "--no-models-autoload": _ROUTER,
+    "-n": "use MAX_TOKENS",
+    "--predict": "use MAX_TOKENS",
+    "--n-predict": "use MAX_TOKENS",
+}
+
+
+def backend_flag_name(arg: str) -> str | None:
+    """The flag an EXTRA_ARGS word names as llama-server reads it (`--api_key=x` -> `--api-key`), or None for a
+    value. llama-server treats `_` as `-` in long flags; `--flag=value` is not its syntax, but is checked too."""
+    if not arg.startswith("-") or arg == "-" or re.fullmatch(r"-[0-9.]+", arg):
+        return None  # a value: "-", or a negative number
+    name = arg.split("=", 1)[0]
+    return name.replace("_", "-") if name.startswith("--") else name
+
+
+def check_extra_args(extra_args: Iterable[str]) -> None:
+    """Refuse the EXTRA_ARGS flags that rebind, unlock or arm the backend (REFUSED_BACKEND_FLAGS)."""
+    for arg in extra_args:
+        name = backend_flag_name(arg)
+        if name is not None and name in REFUSED_BACKEND_FLAGS:
+            raise SettingsError(f"EXTRA_ARGS may not contain {name}: {REFUSED_BACKEND_FLAGS[name]}")
+
+
+# llama-server routes that act on the host or change its state (tools, the CORS proxy, saving or erasing slots,
+# loading router models): never opened, nor anything under them.
+_CLOSED_ROUTES = ("/tools", "/cors-proxy")
+_CLOSED_PREFIXES = ("/tools/", "/cors-proxy/", "/slots/", "/models/")
+# Routes whose POST changes state (settings, LoRA adapters, router models): opened for GET only.
+_GET_ONLY_ROUTES = frozenset({"/props", "/slots", "/lora-adapters", "/models"})
+# Routes the gateway answers itself (gateway.health, gateway.app), and the OpenAI routes under /v1/.
+_GATEWAY_ROUTES = frozenset({"/ping", "/health", "/metrics", "/reload"})
+_ROUTE = re.compile(r"(/[A-Za-z0-9_-][A-Za-z0-9._-]*)+")
+
+
+def passthrough_methods(route: str) -> tuple[str, ...]:
+    """The methods PASSTHROUGH_ROUTES opens on `route`: ("GET",) or ("GET", "POST"). Raises ValueError (saying why)
+    for a route that may never be opened: not a plain path, one the gateway answers itself (/health, /v1/...), or
+    one that acts on the host or on llama-server's state (/tools, /cors-proxy, /slots/<id>, /models/load, ...)."""
+    if not _ROUTE.fullmatch(route) or any(part in (".", "..") for part in route.split("/")):
+        raise ValueError(f"{route} is not a plain path such as /props or /tokenize")
+    if route in _GATEWAY_ROUTES or route.startswith("/v1/"):
+        raise ValueError(f"{route} may not be opened: the gateway answers it itself")
+    if route in _CLOSED_ROUTES or route.startswith(_CLOSED_PREFIXES):
+        raise ValueError(f"{route} may not be opened: it acts on the host or changes llama-server's state")
+    return ("GET",) if route in _GET_ONLY_ROUTES else ("GET", "POST")
+
+
+def check_passthrough_routes(routes: Iterable[str]) -> None:
+    for route in routes:
+        try:
+            passthrough_methods(route)
+        except ValueError as exc:
+            raise SettingsError(f"PASSTHROUGH_ROUTES: {exc}") from None
+
+
+def read_bool(name: str, env: Mapping[str, str] | None = None, default: bool = False) -> bool:
+    """One boolean setting, as every setting reads it (`python -m lifecycle.settings --bool NAME`)."""
+    return _Reader(os.environ if env is None else env).bool(name, default)
+
+
 BAD_SETTINGS_EXIT = 2
 
 
@@ -307,8 +408,19 @@ def load_settings() -> Settings | None:
         return None
 
 
-def main() -> int:
-    """`python -m lifecycle.settings`: print the resolved settings (DEBUG_SHELL uses it)."""
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lifecycle.settings`: print the resolved settings (DEBUG_SHELL uses it).
+
+    `python -m lifecycle.settings --bool NAME`: print `true` or `false` for one boolean setting (unset: false), or
+    the one-line error and exit 2; entrypoint.sh reads DEBUG_SHELL so, with the same rule as Python."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--bool"] and len(argv) == 2:
+        try:
+            print("true" if read_bool(argv[1]) else "false")
+        except SettingsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return BAD_SETTINGS_EXIT
+        return 0
     settings = load_settings()
     if settings is None:
         return BAD_SETTINGS_EXIT

@@ -2,12 +2,17 @@
 
 Invariants:
 1. The supervisor is the only owner of the child and of `state`; everything else reads them.
-2. The backend only answers requests that carry the per-boot key, which lives in a 0600 file in a 0700
-   folder and is removed on stop: nothing else on the host can use the backend.
-3. The child can never outlive us: it gets PR_SET_PDEATHSIG=SIGKILL (so even SIGKILL of our process takes it
+2. The backend only answers requests that carry the per-boot key. The key reaches llama-server only in its
+   environment (LLAMA_API_KEY, which llama-server reads like --api-key), never on disk or on its command line:
+   /proc/<pid>/environ is readable by our own user alone, and nothing is left behind, even after SIGKILL of us.
+3. The child's environment holds no inherited llama-server setting: every LLAMA_ARG_* (and the few other names
+   llama-server reads that rebind or re-key it) is dropped, so only our command line configures it.
+4. The child can never outlive us: it gets PR_SET_PDEATHSIG=SIGKILL (so even SIGKILL of our process takes it
    down) and stop() sends SIGTERM to its process group, waits, then SIGKILLs and reaps it.
-4. Readiness is polled on the backend's /health with no attempt cap while the child lives (big models load
-   for minutes); if the child exits while loading, start() raises with its last log lines.
+5. Readiness is polled with no attempt cap while the child lives (big models load for minutes). Ready means: our
+   child is still running, /health answers 200, and a protected route answers 200 to our key and 401 to an empty
+   and a wrong one; anything else on PORT_BACKEND (a foreign server) is never taken for it. If the child exits
+   while loading, start() raises with its last log lines.
 """
 
 from __future__ import annotations
@@ -19,23 +24,32 @@ import enum
 import logging
 import os
 import secrets
-import shutil
 import signal
 import socket
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import aiohttp
-
 from lifecycle.settings import Settings
+from lifecycle.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("lifecycle.supervisor")
 
 PR_SET_PDEATHSIG = 1
 LOG_TAIL_LINES = 30
+PROBE_TIMEOUT = 5.0
+PROBE_ROUTE = "/v1/models"  # needs the key, cheap, answered once the model is loaded
+
+# What llama-server reads from its environment (common/arg.cpp `set_env`, tools/server): every LLAMA_ARG_* setting,
+# the API key, the router's child-mode variables, and Vertex AI's AIP_* (AIP_MODE=PREDICTION plus AIP_HTTP_PORT
+# moves it to another port). HF_TOKEN and MTMD_BACKEND_DEVICE are kept: they open nothing.
+SCRUBBED_ENV_PREFIXES = ("LLAMA_ARG_", "AIP_")
+SCRUBBED_ENV_NAMES = frozenset({"LLAMA_API_KEY", "LLAMA_SERVER_ROUTER_PORT", "LLAMA_SERVER_CHILD_MODE",
+                                "LLAMA_APP_CMD"})
+# llama-server also reads these config files before its environment and command line (common/arg.cpp).
+CONFIG_FILES = (Path("/etc/llama.cpp/config.ini"),)
 
 
 class BackendState(enum.StrEnum):
@@ -48,7 +62,8 @@ class BackendState(enum.StrEnum):
 
 
 class BackendStartError(RuntimeError):
-    """llama-server exited before it became ready; str() carries its last log lines."""
+    """llama-server could not be started (DATA_DIR not writable), or exited before it became ready; str() says
+    which, with its last log lines."""
 
 
 def instance_id() -> str:
@@ -71,6 +86,21 @@ def tail_lines(path: Path, count: int = LOG_TAIL_LINES) -> list[str]:
     return list(deque(lines, maxlen=count))
 
 
+def unwritable(data_dir: Path, path: Path, exc: OSError) -> str:
+    return f"DATA_DIR {data_dir} is not writable: cannot write {path} ({exc.strerror or exc.__class__.__name__})"
+
+
+def ensure_writable_dir(folder: Path, data_dir: Path) -> None:
+    """Create `folder` (under DATA_DIR) and check a file can be written there; BackendStartError naming DATA_DIR
+    otherwise. Blocking: call it off the event loop."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise BackendStartError(unwritable(data_dir, Path(exc.filename) if exc.filename else folder, exc)) from None
+
+
 def _child_setup() -> Callable[[], None] | None:
     """A preexec_fn that makes the kernel SIGKILL the child when we die; resolved before fork."""
     try:
@@ -87,7 +117,25 @@ def _child_setup() -> Callable[[], None] | None:
     return setup
 
 
-def backend_command(settings: Settings, binary: Path, model: Path, key_file: Path) -> list[str]:
+def backend_env(environ: Mapping[str, str], api_key: str) -> tuple[dict[str, str], list[str]]:
+    """The child's environment: ours without anything llama-server would read as a setting, plus the per-boot key
+    as LLAMA_API_KEY; and the names that were dropped (to log; never their values)."""
+    dropped = sorted(name for name in environ
+                     if name.startswith(SCRUBBED_ENV_PREFIXES) or name in SCRUBBED_ENV_NAMES)
+    env = {name: value for name, value in environ.items() if name not in dropped}
+    env["LLAMA_API_KEY"] = api_key
+    return env, [name for name in dropped if name != "LLAMA_API_KEY"]
+
+
+def config_files(environ: Mapping[str, str]) -> list[Path]:
+    """llama.cpp config files that exist: llama-server applies them under its command line."""
+    home = Path(environ.get("HOME") or Path.home())
+    base = Path(environ["XDG_CONFIG_HOME"]) if environ.get("XDG_CONFIG_HOME") else home / ".config"
+    return [path for path in (*CONFIG_FILES, base / "llama.cpp" / "config.ini") if path.is_file()]
+
+
+def backend_command(settings: Settings, binary: Path, model: Path) -> list[str]:
+    """llama-server's command line; its key comes in the environment (backend_env)."""
     cmd = [
         str(binary),
         "--host", "127.0.0.1",
@@ -98,7 +146,6 @@ def backend_command(settings: Settings, binary: Path, model: Path, key_file: Pat
         "--parallel", str(settings.parallel),
         # MAX_TOKENS for requests that give no max_tokens (or -1); the gateway refuses any larger one
         "-n", str(settings.max_tokens),
-        "--api-key-file", str(key_file),
     ]
     if settings.threads:
         cmd += ["-t", str(settings.threads)]
@@ -142,8 +189,6 @@ class Supervisor:
         self.gave_up = asyncio.Event()
         self._crashes: deque[float] = deque()
         self._proc: asyncio.subprocess.Process | None = None
-        self._secret_dir: Path | None = None
-        self._key_file: Path | None = None
         self._watch_task: asyncio.Task[None] | None = None
 
     @property
@@ -175,20 +220,14 @@ class Supervisor:
     def up(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
 
-    def _write_key_file(self) -> Path:
-        self._secret_dir = Path(tempfile.mkdtemp(prefix="llama-gguf-backend-"))
-        key_file = self._secret_dir / "api_key"
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(self.api_key + "\n")
-        return key_file
-
     async def start(self, binary: Path, model: Path) -> None:
-        """Spawn llama-server and return once it answers /health with 200; then watch it."""
+        """Spawn llama-server and return once it is ready (invariant 5); then watch it."""
         assert self._proc is None, "already started"
         self.binary, self.model = binary, model
-        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
-        self._key_file = self._write_key_file()
+        await asyncio.to_thread(ensure_writable_dir, self.settings.log_dir, self.settings.data_dir)
+        for path in await asyncio.to_thread(config_files, os.environ):
+            log.warning("llama-server will also read its config file %s: settings there apply under the gateway's "
+                        "own command line", path)
         self.state = BackendState.LOADING
         self.started_at = time.monotonic()
         try:
@@ -202,37 +241,65 @@ class Supervisor:
         self._watch_task = asyncio.create_task(self._watch(), name="llama-server-watch")
 
     async def _spawn_and_wait(self) -> None:
-        assert self.binary is not None and self.model is not None and self._key_file is not None
+        assert self.binary is not None and self.model is not None
         self.log_path = server_log_path(self.settings.log_dir)
-        cmd = backend_command(self.settings, self.binary, self.model, self._key_file)
+        cmd = backend_command(self.settings, self.binary, self.model)
+        env, dropped = backend_env(os.environ, self.api_key)
+        if dropped:
+            log.warning("not passed to llama-server (use EXTRA_ARGS for its flags): %s", ", ".join(dropped))
         log.info("starting llama-server on 127.0.0.1:%d; log: %s", self.settings.port_backend, self.log_path)
-        with self.log_path.open("ab") as out:
+        try:
+            out = self.log_path.open("ab")
+        except OSError as exc:
+            raise BackendStartError(unwritable(self.settings.data_dir, self.log_path, exc)) from None
+        with out:
             self._proc = await asyncio.create_subprocess_exec(
                 *cmd,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
+                env=env,
                 start_new_session=True,
                 preexec_fn=_child_setup(),
             )
         await self._wait_ready()
 
+    async def _probe(self, ours: Upstream, strangers: list[Upstream]) -> bool | None:
+        """True: our llama-server is ready. None: nothing ready answers yet. False: whatever answers on PORT_BACKEND
+        does not hold our key (it takes a wrong one, or refuses ours): not our child."""
+        try:
+            health = await ours.fetch("GET", "/health", timeout=PROBE_TIMEOUT)
+            if health.status != 200:
+                return None
+            mine = await ours.fetch("GET", PROBE_ROUTE, timeout=PROBE_TIMEOUT)
+            theirs = [await u.fetch("GET", PROBE_ROUTE, timeout=PROBE_TIMEOUT) for u in strangers]
+        except UpstreamError:
+            return None
+        return mine.status == 200 and all(reply.status == 401 for reply in theirs)
+
     async def _wait_ready(self) -> None:
         assert self._proc is not None
-        exited = asyncio.create_task(self._proc.wait())
-        timeout = aiohttp.ClientTimeout(total=5)
+        proc = self._proc
+        exited = asyncio.create_task(proc.wait())
+        connect = self.settings.connect_timeout
+        ours = Upstream(self.base_url, self.api_key, connect_timeout=connect)
+        strangers = [Upstream(self.base_url, key, connect_timeout=connect) for key in ("", secrets.token_urlsafe(32))]
+        warned = False
         try:
-            connector = aiohttp.TCPConnector(resolver=aiohttp.ThreadedResolver())
-            async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-                while not exited.done():
-                    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                        async with session.get(f"{self.base_url}/health") as resp:
-                            if resp.status == 200:
-                                return
-                    await asyncio.wait({exited}, timeout=self.poll_interval)
+            while not exited.done():
+                verdict = await self._probe(ours, strangers)
+                if verdict and proc.returncode is None:
+                    return
+                if verdict is False and not warned:
+                    warned = True
+                    log.warning("something that is not our llama-server (pid %s) answers on 127.0.0.1:%d: waiting "
+                                "for ours (is PORT_BACKEND taken?)", proc.pid, self.settings.port_backend)
+                await asyncio.wait({exited}, timeout=self.poll_interval)
         finally:
             if not exited.done():
                 exited.cancel()
+            for upstream in (ours, *strangers):
+                await upstream.close()
         await self._record_exit(f"llama-server exited with code {self._proc.returncode} while loading")
         raise BackendStartError(
             f"{self.last_error}; log {self.log_path}, last lines:\n"
@@ -301,9 +368,6 @@ class Supervisor:
                 log.warning("llama-server ignored SIGTERM for %.0fs; killing it", self.settings.stop_timeout)
                 self._signal(proc.pid, signal.SIGKILL)
                 await proc.wait()
-        if self._secret_dir is not None:
-            shutil.rmtree(self._secret_dir, ignore_errors=True)
-            self._secret_dir = None
         self.state = BackendState.STOPPED
 
     @staticmethod

@@ -3,7 +3,10 @@
 
 FAKE_MODE: ready (default) | never_ready | exit_loading | ignore_sigterm | crash_after_ready (exits with code 9
 FAKE_CRASH_AFTER seconds after start) | stall_stream (POSTs answer one SSE event, then stall FAKE_STALL seconds).
-Takes llama-server's arguments.
+FAKE_START_DELAY: seconds to wait (alive, not listening) before binding its port.
+Takes llama-server's arguments. Like llama-server, it reads its API key from LLAMA_API_KEY: with one, every route
+but /health answers 401 without it; GET /v1/models answers 200 to the key. It prints the names (never the values)
+of the LLAMA_* and AIP_* variables in its environment.
 """
 
 import os
@@ -18,7 +21,9 @@ if "--version" in args:
     print("version: 0 (fake)", file=sys.stderr)
     sys.exit(0)
 port = int(args[args.index("--port") + 1])
+api_key = os.environ.get("LLAMA_API_KEY", "")
 print(f"fake llama-server pid {os.getpid()} mode {mode} args {' '.join(args)}", flush=True)
+print("env names: " + " ".join(sorted(n for n in os.environ if n.startswith(("LLAMA_", "AIP_")))), flush=True)
 
 if mode == "exit_loading":
     print("loading model ...", flush=True)
@@ -35,8 +40,25 @@ if mode == "ignore_sigterm":
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
+    def _authorized(self) -> bool:
+        if not api_key or self.path in ("/health", "/v1/health"):
+            return True
+        if self.headers.get("Authorization", "").removeprefix("Bearer ").strip() == api_key:
+            return True
+        self._json(401, b'{"error":{"message":"Invalid API Key","type":"authentication_error","code":401}}')
+        return False
+
+    def _json(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if not self._authorized():
+            return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
@@ -52,13 +74,17 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
 
     def do_GET(self) -> None:
-        ok = mode != "never_ready" and self.path == "/health"
-        body = b'{"status":"ok"}' if ok else b'{"error":{"message":"Loading model","code":503}}'
-        self.send_response(200 if ok else 503)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        if not self._authorized():
+            return
+        ready_answers = {"/v1/models": b'{"object":"list","data":[{"id":"fake","object":"model"}]}',
+                         "/props": b'{"default_generation_settings":{}}', "/slots": b"[]"}
+        if mode != "never_ready" and self.path in ready_answers:
+            self._json(200, ready_answers[self.path])
+            return
+        if mode != "never_ready" and self.path == "/health":
+            self._json(200, b'{"status":"ok"}')
+            return
+        self._json(503, b'{"error":{"message":"Loading model","code":503}}')
 
     def log_message(self, *_: object) -> None:
         pass
@@ -71,6 +97,7 @@ class Server(ThreadingHTTPServer):
         print(f"connection from {client_address} failed: {sys.exc_info()[1]!r}", flush=True)
 
 
+time.sleep(float(os.environ.get("FAKE_START_DELAY", "0")))
 server = Server(("127.0.0.1", port), Handler)
 try:
     server.serve_forever()

@@ -1,0 +1,207 @@
+"""What may reach llama-server: EXTRA_ARGS flags, PASSTHROUGH_ROUTES, the child's environment, DEBUG_SHELL's boolean."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lifecycle.settings import (
+    REFUSED_BACKEND_FLAGS,
+    Settings,
+    SettingsError,
+    backend_flag_name,
+    main,
+    passthrough_methods,
+    read_bool,
+)
+from lifecycle.supervisor import BackendStartError, backend_command, backend_env, config_files, ensure_writable_dir
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+ARG_CPP = (Path.home() / ".cache/llama-gguf-inference/src/llama_cpp_python-0.3.36/vendor/llama.cpp/common/arg.cpp")
+
+
+def build(env: dict[str, str]) -> Settings:
+    return Settings.from_env({"DATA_DIR": "/srv/data", **env}, probe_roots=[])
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag"),
+    [
+        ("--host 0.0.0.0", "--host"),
+        ("--host=0.0.0.0", "--host"),
+        ("-fa on --port 9999", "--port"),
+        ("--port=9999", "--port"),
+        ("--api-key sk-mine", "--api-key"),
+        ("--api_key sk-mine", "--api-key"),  # llama-server reads _ as - in long flags
+        ("--api-key-file /tmp/k", "--api-key-file"),
+        ("--tools all", "--tools"),
+        ("--tools=all", "--tools"),
+        ("--tools-runtime docker:x", "--tools-runtime"),
+        ("-ag", "-ag"),
+        ("--agent", "--agent"),
+        ("--mcp-servers-json {}", "--mcp-servers-json"),
+        ("--mcp-servers-config /x.json", "--mcp-servers-config"),
+        ("--webui-mcp-proxy", "--webui-mcp-proxy"),
+        ("--ui-mcp-proxy", "--ui-mcp-proxy"),
+        ("--path /", "--path"),
+        ("--media-path /", "--media-path"),
+        ("--slot-save-path /tmp", "--slot-save-path"),
+        ("--slot_save_path=/tmp", "--slot-save-path"),
+        ("--props", "--props"),
+        ("--rpc 10.0.0.1:50052", "--rpc"),
+        ("--ssl-key-file k.pem --ssl-cert-file c.pem", "--ssl-key-file"),
+        ("--reuse-port", "--reuse-port"),
+        ("--api-prefix /x", "--api-prefix"),
+        ("--models-dir /m", "--models-dir"),
+        ("--models-preset p.ini", "--models-preset"),
+        ("--no-models-autoload", "--no-models-autoload"),
+        ("-n 64", "-n"),
+        ("-n=64", "-n"),
+        ("--n-predict 64", "--n-predict"),
+        ("--predict 64", "--predict"),
+    ],
+)
+def test_extra_args_that_open_the_backend_are_refused(extra: str, flag: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        build({"EXTRA_ARGS": extra})
+    message = str(err.value)
+    assert message.startswith(f"EXTRA_ARGS may not contain {flag}:")
+    assert "\n" not in message
+
+
+def test_n_predict_points_at_max_tokens() -> None:
+    with pytest.raises(SettingsError, match="use MAX_TOKENS"):
+        build({"EXTRA_ARGS": "-n 16"})
+
+
+@pytest.mark.parametrize("extra", ["--embeddings --pooling mean", "-fa on -ctk q8_0", "--no-kv-unified",
+                                   "--no-agent", "--no-webui-mcp-proxy", "--no-slots", "--rope-scale -1",
+                                   "-np 4 -ngl 10 --alias mine", "--reasoning-budget -1"])
+def test_ordinary_extra_args_pass(extra: str) -> None:
+    assert build({"EXTRA_ARGS": extra}).extra_args
+
+
+def test_flag_names_as_llama_server_reads_them() -> None:
+    assert backend_flag_name("--API-KEY") == "--API-KEY"  # flags are case-sensitive: llama-server rejects this one
+    assert backend_flag_name("--slot_save_path=/x") == "--slot-save-path"
+    assert backend_flag_name("-n=3") == "-n"
+    assert backend_flag_name("-1") is None and backend_flag_name("-0.5") is None and backend_flag_name("x") is None
+
+
+@pytest.mark.skipif(not ARG_CPP.is_file(), reason="llama.cpp source not unpacked")
+def test_every_refused_flag_is_a_real_llama_server_flag() -> None:
+    """A typo in the table would refuse nothing: each name must be one llama.cpp's arg.cpp defines."""
+    source = ARG_CPP.read_text()
+    for flag in REFUSED_BACKEND_FLAGS:
+        assert f'"{flag}"' in source, flag
+
+
+@pytest.mark.parametrize(
+    ("route", "methods"),
+    [("/props", ("GET",)), ("/slots", ("GET",)), ("/lora-adapters", ("GET",)), ("/models", ("GET",)),
+     ("/tokenize", ("GET", "POST")), ("/detokenize", ("GET", "POST")), ("/apply-template", ("GET", "POST"))],
+)
+def test_passthrough_methods(route: str, methods: tuple[str, ...]) -> None:
+    assert passthrough_methods(route) == methods
+    assert build({"PASSTHROUGH_ROUTES": route}).passthrough_routes == (route,)
+
+
+@pytest.mark.parametrize(
+    "route",
+    ["/tools", "/tools/x", "/cors-proxy", "/slots/0", "/slots/0/save", "/models/load", "/models/unload",
+     "/models/sse", "/health", "/ping", "/metrics", "/reload", "/%74ools", "/slots/../tools", "/x/./y", "/a b",
+     "tokenize", "/v1/models"],
+)
+def test_passthrough_refuses_routes_that_arm_or_collide(route: str) -> None:
+    with pytest.raises(ValueError):
+        passthrough_methods(route)
+    with pytest.raises(SettingsError) as err:
+        build({"PASSTHROUGH_ROUTES": f"/props,{route}"})
+    assert str(err.value).startswith("PASSTHROUGH_ROUTES")
+    assert "\n" not in str(err.value)
+
+
+def test_child_environment_keeps_only_what_we_set() -> None:
+    inherited = {"PATH": "/bin", "HOME": "/root", "HF_TOKEN": "hf_x", "CUDA_VISIBLE_DEVICES": "0",
+                 "LLAMA_ARG_TOOLS": "all", "LLAMA_ARG_HOST": "0.0.0.0", "LLAMA_ARG_NO_WEBUI": "1",
+                 "LLAMA_API_KEY": "inherited", "AIP_MODE": "PREDICTION", "AIP_HTTP_PORT": "9",
+                 "LLAMA_SERVER_ROUTER_PORT": "1", "LLAMA_SERVER_CHILD_MODE": "download", "LLAMA_APP_CMD": "x"}
+    env, dropped = backend_env(inherited, "per-boot")
+    assert env == {"PATH": "/bin", "HOME": "/root", "HF_TOKEN": "hf_x", "CUDA_VISIBLE_DEVICES": "0",
+                   "LLAMA_API_KEY": "per-boot"}
+    assert dropped == ["AIP_HTTP_PORT", "AIP_MODE", "LLAMA_APP_CMD", "LLAMA_ARG_HOST", "LLAMA_ARG_NO_WEBUI",
+                       "LLAMA_ARG_TOOLS", "LLAMA_SERVER_CHILD_MODE", "LLAMA_SERVER_ROUTER_PORT"]
+
+
+@pytest.mark.skipif(not ARG_CPP.is_file(), reason="llama.cpp source not unpacked")
+def test_every_env_name_llama_server_reads_is_scrubbed() -> None:
+    """Every set_env(...) name in arg.cpp but HF_TOKEN and MTMD_BACKEND_DEVICE (which open nothing) is dropped."""
+    import re
+
+    names = set(re.findall(r'set_env\("([A-Z0-9_]+)"\)', ARG_CPP.read_text()))
+    assert len(names) > 100
+    env, _ = backend_env({name: "1" for name in names}, "k")
+    assert set(env) == {"HF_TOKEN", "MTMD_BACKEND_DEVICE", "LLAMA_API_KEY"} and env["LLAMA_API_KEY"] == "k"
+
+
+def test_the_key_is_not_on_the_command_line(tmp_path: Path) -> None:
+    settings = build({"EXTRA_ARGS": "--embeddings"})
+    cmd = backend_command(settings, Path("/bin/llama-server"), tmp_path / "m.gguf")
+    assert not any("api-key" in arg for arg in cmd)
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+
+
+def test_unwritable_data_dir_is_one_line_naming_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    data = blocker / "data"
+    with pytest.raises(BackendStartError) as err:
+        ensure_writable_dir(data / "logs" / "llama", data)
+    assert str(err.value).startswith(f"DATA_DIR {data} is not writable")
+    assert "\n" not in str(err.value)
+    ensure_writable_dir(tmp_path / "ok" / "logs", tmp_path / "ok")
+    assert (tmp_path / "ok" / "logs").is_dir()
+
+
+@pytest.mark.parametrize(("raw", "value"), [("on", True), ("ON", True), ("true", True), ("1", True), ("yes", True),
+                                            ("off", False), ("false", False), ("0", False), ("no", False),
+                                            ("", False)])
+def test_one_boolean_rule(raw: str, value: bool) -> None:
+    assert read_bool("DEBUG_SHELL", {"DEBUG_SHELL": raw}) is value
+    assert build({"DEBUG_SHELL": raw}).debug_shell is value
+
+
+def test_bool_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEBUG_SHELL", "on")
+    assert main(["--bool", "DEBUG_SHELL"]) == 0
+    assert capsys.readouterr().out == "true\n"
+    monkeypatch.setenv("DEBUG_SHELL", "garbage")
+    assert main(["--bool", "DEBUG_SHELL"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: DEBUG_SHELL='garbage' is not a boolean") and err.count("\n") == 1
+
+
+def test_bool_cli_as_a_process() -> None:
+    proc = subprocess.run([sys.executable, "-m", "lifecycle.settings", "--bool", "DEBUG_SHELL"], cwd=ROOT,
+                          env={"DEBUG_SHELL": "off", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                          timeout=30)
+    assert (proc.returncode, proc.stdout) == (0, "false\n")
+
+
+def test_llama_cpp_config_files_are_found(tmp_path: Path) -> None:
+    """llama-server reads these under its command line; the supervisor warns about each one that exists."""
+    empty = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path)}
+    assert [path for path in config_files(empty) if path.parts[:2] != ("/", "etc")] == []
+    user = tmp_path / "home" / ".config" / "llama.cpp" / "config.ini"
+    user.parent.mkdir(parents=True)
+    user.write_text("tools = all\n")
+    assert user in config_files({"HOME": str(tmp_path / "home")})
+    assert user not in config_files({"HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "xdg")})
+
+
+def test_lifecycle_does_not_import_aiohttp() -> None:
+    code = "import sys, lifecycle.supervisor, lifecycle.background; sys.exit('aiohttp' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=30).returncode == 0
