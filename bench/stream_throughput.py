@@ -268,7 +268,6 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     direct_key = "sk-bench-direct-0123456789abcdef"
     client_key = "sk-bench-client-0123456789abcdef"
-    (tmp / "direct.key").write_text(direct_key + "\n")
     (tmp / "api_keys.txt").write_text(f"bench:{client_key}\n")
     common = {
         "HOST": "127.0.0.1", "LLAMA_SERVER_BIN": str(args.llama_server), "MODEL_PATH": str(args.model),
@@ -278,13 +277,15 @@ def main() -> int:
     }
     gw_env = venv_env({**common, "PORT_BACKEND": str(gw_backend)})
     direct_settings = Settings.from_env({**common, "PORT_BACKEND": str(direct_port)})
-    direct_cmd = backend_command(direct_settings, args.llama_server, args.model, tmp / "direct.key")
+    direct_cmd = backend_command(direct_settings, args.llama_server, args.model)
 
     targets = [Target("direct", direct_port, direct_key), Target("gateway", gw_port, client_key)]
     info = machine()
     started = time.monotonic()
     with Processes(tmp) as procs:
-        direct = procs.start("llama-server-direct", direct_cmd, env=venv_env({}), limit=budget)
+        # the key as the supervisor passes it (lifecycle.supervisor.backend_env)
+        direct = procs.start("llama-server-direct", direct_cmd, env=venv_env({"LLAMA_API_KEY": direct_key}),
+                             limit=budget)
         wait_ready(f"http://127.0.0.1:{direct_port}/health", direct, 120)
         gateway = procs.start("gateway", [sys.executable, "-m", "gateway"], env=gw_env, cwd=ROOT, limit=budget)
         wait_ready(f"http://127.0.0.1:{gw_port}/health", gateway, 120)

@@ -19,7 +19,7 @@ from pathlib import Path
 from lifecycle.llama_server import ensure_llama_server, server_version
 from lifecycle.model import resolve_model
 from lifecycle.settings import Settings
-from lifecycle.supervisor import Supervisor
+from lifecycle.supervisor import Supervisor, ensure_writable_dir
 
 log = logging.getLogger("lifecycle.background")
 
@@ -50,6 +50,7 @@ class BackgroundBackend:
     def start(self) -> float:
         """Provision, start llama-server and block until it is ready; returns the cold-start seconds."""
         self._thread.start()
+        ensure_writable_dir(self.settings.log_dir, self.settings.data_dir)  # before a build that may take minutes
         binary = ensure_llama_server(self.settings.llama_server_bin, self.settings.cache_dir, os.environ)
         log.info("llama-server %s (%s)", binary, server_version(binary))
         model: Path = resolve_model(self.settings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import queue
 import sys
 import time
@@ -24,7 +25,9 @@ def setup_logging(settings: Settings, level: int = logging.INFO) -> logging.hand
     try:
         boot_dir.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d_%H%M%S")
-        handlers.append(logging.FileHandler(boot_dir / f"{stamp}_boot_{instance_id()}.log"))
+        path = boot_dir / f"{stamp}_boot_{instance_id()}.log"
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))  # private: it names clients and keys ids
+        handlers.append(logging.FileHandler(path))
     except OSError as exc:
         print(f"warning: cannot write boot logs under {boot_dir}: {exc.strerror}", file=sys.stderr)
     formatter = logging.Formatter(FORMAT)

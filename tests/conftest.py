@@ -123,9 +123,9 @@ def make_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     started: list[Gateway] = []
 
     def make(env: dict[str, str] | None = None, wait_ready: bool = True, name: str = "gw") -> Gateway:
-        gw = Gateway(tmp_path / f"{name}{len(started)}", env).start(wait_ready=wait_ready)
-        started.append(gw)
-        return gw
+        gw = Gateway(tmp_path / f"{name}{len(started)}", env)
+        started.append(gw)  # before it starts: one that never gets ready is stopped too
+        return gw.start(wait_ready=wait_ready)
 
     yield make
     for gw in started:

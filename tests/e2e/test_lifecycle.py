@@ -48,7 +48,9 @@ def test_server_log_lands_in_worker_folder(make_gateway) -> None:  # type: ignor
     assert len(logs) == 1
     assert logs[0].name[:15].replace("_", "").isdigit()
     assert "llama" in logs[0].read_text(errors="replace")
-    assert list((gw.data_dir / "logs" / "_boot").glob("*.log"))
+    boot_logs = list((gw.data_dir / "logs" / "_boot").glob("*.log"))
+    assert boot_logs
+    assert all(p.stat().st_mode & 0o077 == 0 for p in boot_logs), "boot logs must be private (0600)"
 
 
 def _run_gateway(tmp_path: Path, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
