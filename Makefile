@@ -1,4 +1,5 @@
-# The two commands: `make serve` and `make test`. Both set everything up on a fresh machine.
+# The two commands: `make serve` and `make test`. Both set everything up on a fresh machine. `make test-image`
+# builds the CPU image and checks it from outside (it installs and starts a Docker engine when none runs).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ PORT ?= 8000
 # MODEL_NAME=x make serve finds ./data/models/x.
 DATA_DIR := $(or $(DATA_DIR),./data)
 
-.PHONY: setup llama-server model serve test lint bench clean
+.PHONY: setup llama-server model serve test test-image lint bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (found " + sys.version.split()[0] + ")")'
@@ -42,6 +43,10 @@ lint: $(STAMP)
 test: llama-server model
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# Build Dockerfile.cpu as llama-gguf-inference:cpu and check it as a user would (tests/image/).
+test-image: $(STAMP)
+	PY=$(PY) bash tests/image/run.sh
 
 bench: llama-server model
 	$(PY) bench/gateway_overhead.py

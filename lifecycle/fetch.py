@@ -45,7 +45,9 @@ def pip_download(requirement: str, filename: str, sha256: str, dest: Path, *, sd
     with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", tmp]
         if sdist:
-            cmd += ["--no-binary", ":all:"]
+            # Only this package as source: with ":all:" pip would also build its build tools (CMake, ninja) from
+            # source just to read the sdist's metadata, which takes far longer than the llama-server build.
+            cmd += ["--no-binary", requirement.split("=", 1)[0].strip()]
         cmd.append(requirement)
         print(f"downloading {requirement} with pip ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -137,6 +137,23 @@ def _run_logged(cmd: list[str], log: Path, progress: Progress, show: Callable[[s
         raise ProvisionError(f"`{shlex.join(cmd[:3])} ...` failed (exit {code}); full log: {log}\n" + "\n".join(tail))
 
 
+def extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Unpack with the "data" filter (no absolute paths, no escapes, no device files); on a Python without it
+    (3.11 before 3.11.4, e.g. Debian 12's 3.11.2) the same rules are checked here first."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    root = dest.resolve()
+    for member in tar.getmembers():
+        target = (root / member.name).resolve()
+        link_ok = not (member.issym() or member.islnk()) or (
+            (target.parent / member.linkname).resolve().is_relative_to(root) if member.issym()
+            else (root / member.linkname).resolve().is_relative_to(root))
+        if not target.is_relative_to(root) or not link_ok or member.isdev() or member.isfifo():
+            raise ProvisionError(f"refusing to unpack {member.name!r}: it points outside {dest} or is a device")
+    tar.extractall(dest)
+
+
 def _source_tree(cache_dir: Path, progress: Progress) -> Path:
     root = cache_dir / "src" / f"llama_cpp_python-{SOURCE_VERSION}"
     tree = root / "vendor" / "llama.cpp"
@@ -145,7 +162,7 @@ def _source_tree(cache_dir: Path, progress: Progress) -> Path:
     sdist = pip_download(SDIST, SDIST_FILE, SDIST_SHA256, cache_dir / "downloads", sdist=True)
     progress(f"unpacking {sdist.name}")
     with tempfile.TemporaryDirectory(dir=cache_dir / "src", prefix=".unpack-") as tmp, tarfile.open(sdist) as tar:
-        tar.extractall(tmp, filter="data")
+        extract(tar, Path(tmp))
         shutil.rmtree(root, ignore_errors=True)
         (Path(tmp) / root.name).rename(root)
     if not (tree / "tools" / "server" / "CMakeLists.txt").is_file():
@@ -196,14 +213,27 @@ def ensure_llama_server(
     return found if found is not None else build_llama_server(cache_dir, env, progress)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lifecycle.llama_server [--install DIR]`: find or build llama-server; with --install, also copy it
+    to DIR/llama-server (the images' build stage: the cache there is a build-cache mount, not a layer)."""
+    import argparse
+
     from lifecycle.settings import SettingsError, default_cache_dir
 
+    parser = argparse.ArgumentParser(prog="python -m lifecycle.llama_server")
+    parser.add_argument("--install", type=Path, metavar="DIR", help="copy the binary to DIR/llama-server")
+    args = parser.parse_args(argv)
     try:
         explicit = os.environ.get("LLAMA_SERVER_BIN")
         binary = ensure_llama_server(Path(explicit) if explicit else None, default_cache_dir(os.environ), os.environ)
-        print(f"llama-server: {binary} ({server_version(binary)})")
-    except (ProvisionError, SettingsError) as exc:
+        version = server_version(binary)
+        if args.install is not None:
+            args.install.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(binary, args.install / "llama-server")
+            (args.install / "VERSION").write_text(f"{SOURCE_VERSION} {version}\n")
+            binary = args.install / "llama-server"
+        print(f"llama-server: {binary} ({version})")
+    except (ProvisionError, SettingsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

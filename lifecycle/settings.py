@@ -84,9 +84,13 @@ class _Reader:
         return None if value is None else Path(value).expanduser()
 
 
-def default_cache_dir(env: Mapping[str, str]) -> Path:
+def default_cache_dir(env: Mapping[str, str], data_dir: Path | None = None) -> Path:
+    """LLAMA_GGUF_CACHE_DIR; in our images (LLAMA_GGUF_IMAGE set) $DATA_DIR/.cache/llama-gguf-inference, so the
+    default model is fetched once into the data volume; else the user's cache folder."""
     if env.get("LLAMA_GGUF_CACHE_DIR"):
         return Path(env["LLAMA_GGUF_CACHE_DIR"]).expanduser()
+    if env.get("LLAMA_GGUF_IMAGE") and data_dir is not None:
+        return data_dir / ".cache" / "llama-gguf-inference"
     base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "llama-gguf-inference"
 
@@ -239,7 +243,7 @@ class Settings:
             models_dir=models_dir,
             model_name=model_name,
             model_path=r.path("MODEL_PATH"),
-            cache_dir=default_cache_dir(env),
+            cache_dir=default_cache_dir(env, data_dir),
             llama_server_bin=r.path("LLAMA_SERVER_BIN"),
             auth_enabled=r.bool("AUTH_ENABLED", True),
             auth_keys_file=r.path("AUTH_KEYS_FILE"),
