@@ -15,7 +15,8 @@ Invariants:
    while loading, start() raises with its last log lines.
 6. GPU offload and context are llama-server's to fit unless NGL / CTX are set (-ngl auto, --fit on, no -c); what it
    chose is read once it is ready, after every start and restart, from GET /props and its start-up log, into
-   `offload` (logged as one "offload: ..." line, shown in /health). It never holds up or fails a start.
+   `offload` (logged as one "offload: ..." line, shown in /health). It never fails a start: what cannot be read
+   (a /props that does not answer within PROBE_TIMEOUT, a log without those lines) is left null.
 """
 
 from __future__ import annotations
