@@ -250,6 +250,7 @@ def main() -> int:
     p.add_argument("--requests-c1", type=int, default=4, help="sequential requests per 1-client batch")
     p.add_argument("--requests-c4", type=int, default=2, help="sequential requests per client in 4-client batches")
     p.add_argument("--ctx", type=int, default=4096)
+    p.add_argument("--ngl", default="0", help="NGL for both: a number, or auto (llama-server fits it to the GPU)")
     p.add_argument("--threads", type=int, default=0, help="llama-server -t (0: its default)")
     p.add_argument("--max-seconds", type=float, default=420, help="start no new round after this")
     p.add_argument("--port-base", type=int, default=19500, help="uses this port + 1..4 on 127.0.0.1")
@@ -271,7 +272,7 @@ def main() -> int:
     (tmp / "api_keys.txt").write_text(f"bench:{client_key}\n")
     common = {
         "HOST": "127.0.0.1", "LLAMA_SERVER_BIN": str(args.llama_server), "MODEL_PATH": str(args.model),
-        "PARALLEL": "4", "CTX": str(args.ctx), "NGL": "0", "THREADS": str(args.threads),
+        "PARALLEL": "4", "CTX": str(args.ctx), "NGL": args.ngl, "THREADS": str(args.threads),
         "DATA_DIR": str(tmp / "data"), "AUTH_ENABLED": "true", "AUTH_KEYS_FILE": str(tmp / "api_keys.txt"),
         "MAX_REQUESTS_PER_MINUTE": "1000000", "PORT": str(gw_port), "PORT_HEALTH": str(gw_health),
     }
@@ -308,7 +309,8 @@ def main() -> int:
         "benchmark": "stream_throughput",
         "machine": info,
         "config": {"rounds": args.rounds, "max_tokens": args.max_tokens, "requests_c1": args.requests_c1,
-                   "requests_c4_per_client": args.requests_c4, "ctx": args.ctx, "threads": args.threads,
+                   "requests_c4_per_client": args.requests_c4, "ctx": args.ctx, "ngl": args.ngl,
+                   "threads": args.threads,
                    "direct_cmd": direct_cmd, "wall_s": round(time.monotonic() - started, 1)},
         "summary": summary,
         "ratios": ratios,

@@ -44,6 +44,8 @@ async def health(request: web.Request) -> web.Response:
         "queue": {"active": admission.active, "depth": admission.depth, "capacity": admission.capacity,
                   "max_size": settings.max_queue_size},
         "restarts": backend.restarts,
+        # what llama-server was asked and chose for GPU layers and context (lifecycle.offload.summary)
+        "offload": backend.offload,
     }
     if backend.last_error and not backend.ready:
         body["error"] = backend.last_error

@@ -59,7 +59,7 @@ class Limits:
         return cls(
             max_tokens=settings.max_tokens,
             max_slots=max(1, min(settings.parallel, settings.max_concurrent_requests)),
-            max_dry_penalty_last_n=max(settings.ctx, 0) or 1 << 20,
+            max_dry_penalty_last_n=settings.ctx or 1 << 20,  # unset or 0: the model's own, not known here
             shared_prompt_cache=settings.shared_prompt_cache,
         )
 

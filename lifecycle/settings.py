@@ -64,6 +64,20 @@ class _Reader:
             raise SettingsError(f"{name}={value!r} is not allowed: use {allowed}")
         return number
 
+    def auto_int(self, name: str, minimum: int = 0) -> int | None:
+        """An integer, or None when unset or `auto` (llama-server then chooses)."""
+        value = self.raw(name)
+        if value is None or value.lower() == "auto":
+            return None
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < minimum:
+            raise SettingsError(f"{name}={value!r} is not allowed: use auto (or leave it unset), or an integer "
+                                f">= {minimum}")
+        return number
+
     def float(self, name: str, default: float, minimum: float = 0.0) -> float:
         value = self.raw(name)
         if value is None:
@@ -126,8 +140,8 @@ class Settings:
     max_response_size: int = 64 * 1024 * 1024
     shared_prompt_cache: bool = True
 
-    ngl: int = 99
-    ctx: int = 16384
+    ngl: int | None = None  # None: unset, llama-server fits the layers to free device memory (-ngl auto, --fit on)
+    ctx: int | None = None  # None: unset, no -c (the model's own context, shrunk by --fit to fit); 0: the model's own
     threads: int = 0
     extra_args: tuple[str, ...] = ()
 
@@ -265,8 +279,8 @@ class Settings:
             max_tokens=r.int("MAX_TOKENS", 4096, minimum=1),
             max_response_size=r.int("MAX_RESPONSE_SIZE", 64 * 1024 * 1024, minimum=1024),
             shared_prompt_cache=r.bool("SHARED_PROMPT_CACHE", True),
-            ngl=r.int("NGL", 99, minimum=0),
-            ctx=r.int("CTX", 16384, minimum=0),
+            ngl=r.auto_int("NGL"),
+            ctx=r.auto_int("CTX"),
             threads=r.int("THREADS", 0),
             extra_args=extra_args,
             host=r.str("HOST", "0.0.0.0"),

@@ -13,6 +13,10 @@ Invariants:
    child is still running, /health answers 200, and a protected route answers 200 to our key and 401 to an empty
    and a wrong one; anything else on PORT_BACKEND (a foreign server) is never taken for it. If the child exits
    while loading, start() raises with its last log lines.
+6. GPU offload and context are llama-server's to fit unless NGL / CTX are set (-ngl auto, --fit on, no -c); what it
+   chose is read once it is ready, after every start and restart, from GET /props and its start-up log, into
+   `offload` (logged as one "offload: ..." line, shown in /health). It never fails a start: what cannot be read
+   (a /props that does not answer within PROBE_TIMEOUT, a log without those lines) is left null.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from lifecycle import offload
 from lifecycle.settings import Settings
 from lifecycle.upstream import Upstream, UpstreamError
 
@@ -41,6 +46,10 @@ PR_SET_PDEATHSIG = 1
 LOG_TAIL_LINES = 30
 PROBE_TIMEOUT = 5.0
 PROBE_ROUTE = "/v1/models"  # needs the key, cheap, answered once the model is loaded
+PROPS_MAX_SIZE = 4 << 20  # GET /props carries the chat template
+# At -lv 4 llama-server logs the last four characters of its API key ("api_keys: ****abcd"): the per-boot key ends
+# in these four public ones, so nothing of its random part reaches the log.
+KEY_TAIL = "-gw0"
 
 # What llama-server reads from its environment (common/arg.cpp `set_env`, tools/server): every LLAMA_ARG_* setting,
 # the API key, the router's child-mode variables, and Vertex AI's AIP_* (AIP_MODE=PREDICTION plus AIP_HTTP_PORT
@@ -134,15 +143,33 @@ def config_files(environ: Mapping[str, str]) -> list[Path]:
     return [path for path in (*CONFIG_FILES, base / "llama.cpp" / "config.ini") if path.is_file()]
 
 
+def backend_key() -> str:
+    """The per-boot key: 32 random bytes, then KEY_TAIL."""
+    return secrets.token_urlsafe(32) + KEY_TAIL
+
+
 def backend_command(settings: Settings, binary: Path, model: Path) -> list[str]:
-    """llama-server's command line; its key comes in the environment (backend_env)."""
+    """llama-server's command line; its key comes in the environment (backend_env).
+
+    NGL unset: `-ngl auto`; CTX unset: no `-c` (llama-server's 0, the model's trained context); with `--fit on`
+    llama-server fits whatever of the two is unset to free device memory (common/fit.cpp) instead of failing on a
+    model larger than the GPU. A set NGL or CTX is passed exactly (CTX=0: the model's own, which --fit keeps)."""
+    extra = settings.extra_args
     cmd = [
         str(binary),
         "--host", "127.0.0.1",
         "--port", str(settings.port_backend),
         "-m", str(model),
-        "-c", str(settings.ctx),
-        "-ngl", str(settings.ngl),
+        "-ngl", "auto" if settings.ngl is None else str(settings.ngl),
+    ]
+    if settings.ctx is not None:
+        cmd += ["-c", str(settings.ctx)]
+    if not offload.has_flag(extra, offload.FIT_FLAGS):
+        cmd += ["--fit", "on"]
+    if not offload.has_flag(extra, offload.VERBOSITY_FLAGS):
+        # the offload, buffer and --fit lines the supervisor reads (offload.py) are printed at "trace" only
+        cmd += ["-lv", offload.OFFLOAD_LOG_VERBOSITY]
+    cmd += [
         "--parallel", str(settings.parallel),
         # MAX_TOKENS for requests that give no max_tokens (or -1); the gateway refuses any larger one
         "-n", str(settings.max_tokens),
@@ -151,7 +178,7 @@ def backend_command(settings: Settings, binary: Path, model: Path) -> list[str]:
         cmd += ["-t", str(settings.threads)]
     if "--alias" not in settings.extra_args and "-a" not in settings.extra_args:
         cmd += ["--alias", model.name]
-    if not {"-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified"} & set(settings.extra_args):
+    if not offload.has_flag(extra, offload.KV_UNIFIED_FLAGS):
         # One KV buffer of CTX tokens shared by the slots, as llama-server does with its own automatic slot count:
         # any one request may use the whole context instead of CTX / PARALLEL.
         cmd.append("--kv-unified")
@@ -178,7 +205,7 @@ class Supervisor:
         self.poll_interval = poll_interval
         self.clock = clock
         self.state = BackendState.STOPPED
-        self.api_key = secrets.token_urlsafe(32)
+        self.api_key = backend_key()
         self.base_url = f"http://127.0.0.1:{settings.port_backend}"
         self.log_path: Path | None = None
         self.started_at: float | None = None
@@ -186,6 +213,8 @@ class Supervisor:
         self.last_error: str | None = None
         self.last_log_lines: list[str] = []
         self.restarts = 0
+        # What llama-server was asked and chose for GPU layers and context (offload.summary); /health shows it.
+        self.offload: dict[str, object] | None = None
         self.gave_up = asyncio.Event()
         self._crashes: deque[float] = deque()
         self._proc: asyncio.subprocess.Process | None = None
@@ -244,6 +273,7 @@ class Supervisor:
         assert self.binary is not None and self.model is not None
         self.log_path = server_log_path(self.settings.log_dir)
         cmd = backend_command(self.settings, self.binary, self.model)
+        self.offload = offload.pending(cmd)
         env, dropped = backend_env(os.environ, self.api_key)
         if dropped:
             log.warning("not passed to llama-server (use EXTRA_ARGS for its flags): %s", ", ".join(dropped))
@@ -253,6 +283,7 @@ class Supervisor:
         except OSError as exc:
             raise BackendStartError(unwritable(self.settings.data_dir, self.log_path, exc)) from None
         with out:
+            log_offset = os.fstat(out.fileno()).st_size  # a restart within the same second appends to the file
             self._proc = await asyncio.create_subprocess_exec(
                 *cmd,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -263,6 +294,27 @@ class Supervisor:
                 preexec_fn=_child_setup(),
             )
         await self._wait_ready()
+        await self._record_offload(cmd, log_offset)
+
+    async def _record_offload(self, cmd: list[str], log_offset: int) -> None:
+        """Fill `offload` from GET /props (n_ctx) and the start-up log (layers, buffers, --fit); log it."""
+        assert self.log_path is not None
+        upstream = Upstream(self.base_url, self.api_key, connect_timeout=self.settings.connect_timeout,
+                            max_response_size=PROPS_MAX_SIZE)
+        n_ctx_slot = total_slots = None
+        try:
+            reply = await upstream.fetch("GET", "/props", timeout=PROBE_TIMEOUT)
+            if reply.status == 200:
+                n_ctx_slot, total_slots = offload.props_n_ctx(reply.body)
+            else:
+                log.warning("llama-server GET /props answered %d: n_ctx unknown", reply.status)
+        except UpstreamError as exc:
+            log.warning("llama-server GET /props failed (%s): n_ctx unknown", exc.__class__.__name__)
+        finally:
+            await upstream.close()
+        facts = await asyncio.to_thread(offload.read_server_log, self.log_path, log_offset)
+        self.offload = offload.summary(cmd, self.settings.extra_args, facts, n_ctx_slot, total_slots)
+        log.info("%s", offload.describe(self.offload))
 
     async def _probe(self, ours: Upstream, strangers: list[Upstream]) -> bool | None:
         """True: our llama-server is ready. None: nothing ready answers yet. False: whatever answers on PORT_BACKEND

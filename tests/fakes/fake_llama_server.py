@@ -4,11 +4,15 @@
 FAKE_MODE: ready (default) | never_ready | exit_loading | ignore_sigterm | crash_after_ready (exits with code 9
 FAKE_CRASH_AFTER seconds after start) | stall_stream (POSTs answer one SSE event, then stall FAKE_STALL seconds).
 FAKE_START_DELAY: seconds to wait (alive, not listening) before binding its port.
+FAKE_BOOTS_FILE: a file it adds a line to at each start; boot N then prints llama-server's start-up lines with
+"offloaded N/31 layers to GPU", and with FAKE_CRASH_BOOTS=K crash_after_ready only crashes on boots 1..K.
+GET /props reports the `-c` it was given as n_ctx (none when it got no -c), and --parallel as total_slots.
 Takes llama-server's arguments. Like llama-server, it reads its API key from LLAMA_API_KEY: with one, every route
 but /health answers 401 without it; GET /v1/models answers 200 to the key. It prints the names (never the values)
 of the LLAMA_* and AIP_* variables in its environment.
 """
 
+import json
 import os
 import signal
 import sys
@@ -29,12 +33,32 @@ if mode == "exit_loading":
     print("loading model ...", flush=True)
     print("error: failed to load model: not a GGUF file", flush=True)
     sys.exit(3)
-if mode == "crash_after_ready":
+boot = 0
+if os.environ.get("FAKE_BOOTS_FILE"):
+    with open(os.environ["FAKE_BOOTS_FILE"], "a+") as boots:
+        boots.write("boot\n")
+        boots.seek(0)
+        boot = len(boots.readlines())
+    print("0.00.004.513 I cmn  common_param:   - CPU     : Fake CPU (1000 MiB, 900 MiB free)", flush=True)
+    print("0.00.178.563 I common_fit_params: successfully fit params to free device memory", flush=True)
+    print(f"0.00.259.530 I load_tensors: offloaded {boot}/31 layers to GPU", flush=True)
+    print("0.00.315.886 I load_tensors:        CUDA0 model buffer size =    92.10 MiB", flush=True)
+    print("0.00.528.764 I srv  llama_server: model loaded", flush=True)
+crash_boots = int(os.environ.get("FAKE_CRASH_BOOTS", "0")) or None
+if mode == "crash_after_ready" and (crash_boots is None or boot <= crash_boots):
     import threading
 
     threading.Timer(float(os.environ.get("FAKE_CRASH_AFTER", "0.5")), lambda: os._exit(9)).start()
 if mode == "ignore_sigterm":
     signal.signal(signal.SIGTERM, lambda *_: print("ignoring SIGTERM", flush=True))
+
+
+def _arg(flag: str) -> str | None:
+    return args[args.index(flag) + 1] if flag in args[:-1] else None
+
+
+props = json.dumps({"default_generation_settings": {"n_ctx": int(_arg("-c"))} if _arg("-c") else {},
+                    "total_slots": int(_arg("--parallel") or 1)}).encode()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -77,7 +101,7 @@ class Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return
         ready_answers = {"/v1/models": b'{"object":"list","data":[{"id":"fake","object":"model"}]}',
-                         "/props": b'{"default_generation_settings":{}}', "/slots": b"[]"}
+                         "/props": props, "/slots": b"[]"}
         if mode != "never_ready" and self.path in ready_answers:
             self._json(200, ready_answers[self.path])
             return

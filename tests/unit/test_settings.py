@@ -18,7 +18,8 @@ def test_defaults_follow_the_seed_contract() -> None:
     assert s.keys_file == Path("/srv/data/api_keys.txt")
     assert (s.auth_enabled, s.max_requests_per_minute, s.cors_origins) == (True, 100, ())
     assert (s.max_queue_size, s.max_request_body_size, s.max_headers, s.max_header_line_size) == (0, 10485760, 64, 8192)
-    assert (s.ngl, s.ctx, s.port, s.port_health, s.port_backend, s.threads) == (99, 16384, 8000, 8001, 8080, 0)
+    # NGL and CTX unset: llama-server fits them to free device memory (they were 99 and 16384)
+    assert (s.ngl, s.ctx, s.port, s.port_health, s.port_backend, s.threads) == (None, None, 8000, 8001, 8080, 0)
     assert (s.log_name, s.worker_type, s.debug_shell, s.extra_args) == ("llama", "", False, ())
     assert s.parallel == 8 and s.max_concurrent_requests == 8
     assert s.log_dir == Path("/srv/data/logs/llama")
