@@ -191,7 +191,7 @@ class Settings:
         for key, value in asdict(self).items():
             if isinstance(value, tuple):
                 value = " ".join(value)
-            out[key] = "" if value is None else str(value)
+            out[key] = ("auto" if key in ("ngl", "ctx") else "") if value is None else str(value)
         out["keys_file"] = str(self.keys_file)
         out["log_dir"] = str(self.log_dir)
         return out

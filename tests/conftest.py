@@ -40,6 +40,16 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def wait_gone(pid: int, timeout: float = 10) -> bool:
+    """Whether `pid` exits (or is a zombie) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 class Gateway:
     """One `python -m gateway` process with its own DATA_DIR and ports."""
 

@@ -15,19 +15,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ROOT, Gateway, free_port, pid_alive
+from tests.conftest import ROOT, Gateway, free_port, wait_gone
 
 FAKE = ROOT / "tests" / "fakes" / "fake_llama_server.py"
 LANES = ["true", "false"]  # both lanes: gateway/fastlane.py and aiohttp's
-
-
-def _wait_gone(pid: int, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def environ_of(pid: int) -> dict[str, str]:
@@ -87,7 +78,7 @@ def test_sigkill_leaves_no_key_folder_and_auth_still_protects(make_gateway, tmp_
     assert gw.proc is not None
     gw.proc.kill()
     gw.proc.wait()
-    assert _wait_gone(backend)
+    assert wait_gone(backend)
     assert not list(tmp.glob("llama-gguf-backend-*"))
 
 
@@ -150,24 +141,18 @@ def test_passthrough_props_and_slots_are_get_only(make_gateway, fast_lane: str) 
     assert requests.post(gw.url + "/slots/0?action=save", json={"filename": "x"}, timeout=5).status_code == 404
 
 
-@pytest.mark.parametrize("route", ["/tools", "/cors-proxy", "/slots/0", "/models/load"])
-def test_passthrough_refuses_arming_routes_at_start(route: str, tmp_path: Path) -> None:
-    env = {**os.environ, "DATA_DIR": str(tmp_path), "PASSTHROUGH_ROUTES": route}
+@pytest.mark.parametrize(("name", "value", "said"), [
+    *(("PASSTHROUGH_ROUTES", route, route) for route in ("/tools", "/cors-proxy", "/slots/0", "/models/load")),
+    *(("EXTRA_ARGS", extra, "EXTRA_ARGS may not contain") for extra in ("--host 0.0.0.0", "--tools=all",
+                                                                       "--api-key sk-x", "-n 8")),
+])
+def test_settings_that_open_the_backend_exit_2_with_one_line(name: str, value: str, said: str, tmp_path: Path) -> None:
+    env = {**os.environ, "DATA_DIR": str(tmp_path), name: value}
     proc = subprocess.run([sys.executable, "-m", "gateway"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "PASSTHROUGH_ROUTES" in lines[0] and route in lines[0]
-
-
-@pytest.mark.parametrize("extra", ["--host 0.0.0.0", "--tools=all", "--api-key sk-x", "-n 8"])
-def test_extra_args_that_open_the_backend_exit_2(extra: str, tmp_path: Path) -> None:
-    env = {**os.environ, "DATA_DIR": str(tmp_path), "EXTRA_ARGS": extra}
-    proc = subprocess.run([sys.executable, "-m", "gateway"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=30)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: EXTRA_ARGS may not contain")
+    assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0] and said in lines[0]
 
 
 # --- an unwritable DATA_DIR: one line, non-zero exit, in both modes -------------------------------------------------

@@ -11,18 +11,9 @@ from pathlib import Path
 
 import requests
 
-from tests.conftest import ROOT, Gateway, free_port, pid_alive
+from tests.conftest import ROOT, Gateway, free_port, wait_gone
 
 FAKE = ROOT / "tests" / "fakes" / "fake_llama_server.py"
-
-
-def _wait_gone(pid: int, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_sigterm_stops_backend_and_exits_zero(make_gateway) -> None:  # type: ignore[no-untyped-def]
@@ -30,7 +21,7 @@ def test_sigterm_stops_backend_and_exits_zero(make_gateway) -> None:  # type: ig
     (backend,) = gw.backend_pids()
     assert "llama-server" in Path(f"/proc/{backend}/cmdline").read_text()
     assert gw.stop() == 0
-    assert _wait_gone(backend)
+    assert wait_gone(backend)
 
 
 def test_sigkill_of_gateway_leaves_no_orphan_backend(make_gateway) -> None:  # type: ignore[no-untyped-def]
@@ -39,7 +30,7 @@ def test_sigkill_of_gateway_leaves_no_orphan_backend(make_gateway) -> None:  # t
     assert gw.proc is not None
     gw.proc.kill()
     gw.proc.wait()
-    assert _wait_gone(backend), "llama-server outlived a SIGKILLed gateway"
+    assert wait_gone(backend), "llama-server outlived a SIGKILLed gateway"
 
 
 def test_server_log_lands_in_worker_folder(make_gateway) -> None:  # type: ignore[no-untyped-def]
@@ -110,7 +101,7 @@ def test_health_port_is_up_while_the_model_loads(make_gateway) -> None:  # type:
     # SIGTERM while loading still exits cleanly and takes the backend with it.
     (backend,) = gw.backend_pids()
     assert gw.stop() == 0
-    assert _wait_gone(backend)
+    assert wait_gone(backend)
 
 
 def test_backend_ignoring_sigterm_is_killed(make_gateway) -> None:  # type: ignore[no-untyped-def]
@@ -118,7 +109,7 @@ def test_backend_ignoring_sigterm_is_killed(make_gateway) -> None:  # type: igno
                                 "BACKEND_STOP_TIMEOUT": "1"}, name="stubborn")
     (backend,) = gw.backend_pids()
     assert gw.stop() == 0
-    assert _wait_gone(backend, timeout=5)
+    assert wait_gone(backend, timeout=5)
 
 
 def test_auth_fails_closed_without_keys(make_gateway) -> None:  # type: ignore[no-untyped-def]
