@@ -14,6 +14,7 @@ debug_shell=$(python3 -m lifecycle.settings --bool DEBUG_SHELL) || exit 2
 if [[ -n "${LLAMA_GGUF_IMAGE:-}" && "$(id -u)" == 0 && "${debug_shell}" != true ]]; then
     exports=$(python3 -m lifecycle.container prepare) || exit $?
     eval "${exports}"
+    export HOME=/home/llama USER=llama LOGNAME=llama
     exec setpriv --reuid=llama --regid=llama --init-groups --no-new-privs --inh-caps=-all --bounding-set=-all \
         -- "$0" "$@"
 fi

@@ -105,7 +105,8 @@ def prepare(settings: Settings, user: str = IMAGE_USER) -> dict[str, str]:
         copy_keys(keys, copy, uid, gid)
         subprocess.Popen(
             [sys.executable, "-m", "lifecycle.container", "sync-keys", str(keys), str(copy), user],
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            # not our stdout: entrypoint.sh reads that to its end, and this process never closes it
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
         )
         print(f"keys file {keys} is not readable by the user {user}: serving a private copy, refreshed every "
               f"{SYNC_INTERVAL:g}s", file=sys.stderr)

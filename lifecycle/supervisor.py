@@ -140,7 +140,14 @@ def config_files(environ: Mapping[str, str]) -> list[Path]:
     """llama.cpp config files that exist: llama-server applies them under its command line."""
     home = Path(environ.get("HOME") or Path.home())
     base = Path(environ["XDG_CONFIG_HOME"]) if environ.get("XDG_CONFIG_HOME") else home / ".config"
-    return [path for path in (*CONFIG_FILES, base / "llama.cpp" / "config.ini") if path.is_file()]
+    found = []
+    for path in (*CONFIG_FILES, base / "llama.cpp" / "config.ini"):
+        try:
+            if path.is_file():
+                found.append(path)
+        except OSError:  # a folder we may not look into: neither may llama-server, running as us
+            pass
+    return found
 
 
 def backend_key() -> str:
