@@ -1,9 +1,14 @@
 """The one settings object, built once from the environment and passed explicitly.
 
-The variable names and defaults of the project we replace are the public contract (see
-docs/CONFIGURATION.md). Every bad value raises SettingsError naming the variable, the value and
-what is allowed; the entry points turn it into one line on stderr and exit code 2.
+The variable names and defaults of the project we replace are the public contract. One table, VARIABLES, holds
+every variable: how it is read and checked, its default (the `Settings` dataclass takes its field defaults from
+it) and its row in docs/CONFIGURATION.md, whose tables are generated from it (`python -m lifecycle.settings
+--docs`; a unit test fails when they differ). Every bad value raises SettingsError naming the variable, the value
+and what is allowed; the entry points turn it into one line on stderr and exit code 2.
 """
+
+# RUF009: the Settings field defaults are calls to setting(), which returns a dataclasses.field.
+# ruff: noqa: RUF009
 
 from __future__ import annotations
 
@@ -11,309 +16,24 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from lifecycle.platform import detect_data_dir
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 MODES = ("gateway", "handler")
+PORT_RANGE = (1, 65535)
+MODELS_SUBDIR = "models"  # MODELS_DIR's default under DATA_DIR
+KEYS_FILE_NAME = "api_keys.txt"  # AUTH_KEYS_FILE's default under DATA_DIR
+CACHE_SUBDIR = Path(".cache") / "llama-gguf-inference"  # LLAMA_GGUF_CACHE_DIR's default under home (or DATA_DIR)
 
 
 class SettingsError(ValueError):
     """A bad environment value; str() is the one line shown to the user."""
-
-
-class _Reader:
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-
-    def raw(self, name: str) -> str | None:
-        value = self.env.get(name)
-        if value is None or value.strip() == "":
-            return None
-        return value.strip()
-
-    def str(self, name: str, default: str = "") -> str:
-        value = self.raw(name)
-        return default if value is None else value
-
-    def bool(self, name: str, default: bool) -> bool:
-        value = self.raw(name)
-        if value is None:
-            return default
-        low = value.lower()
-        if low in _TRUE:
-            return True
-        if low in _FALSE:
-            return False
-        raise SettingsError(f"{name}={value!r} is not a boolean: use true/false, 1/0, yes/no or on/off")
-
-    def int(self, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
-        value = self.raw(name)
-        if value is None:
-            return default
-        try:
-            number = int(value)
-        except ValueError:
-            number = None
-        if number is None or number < minimum or (maximum is not None and number > maximum):
-            allowed = f"an integer >= {minimum}" if maximum is None else f"an integer {minimum}-{maximum}"
-            raise SettingsError(f"{name}={value!r} is not allowed: use {allowed}")
-        return number
-
-    def auto_int(self, name: str, minimum: int = 0) -> int | None:
-        """An integer, or None when unset or `auto` (llama-server then chooses)."""
-        value = self.raw(name)
-        if value is None or value.lower() == "auto":
-            return None
-        try:
-            number = int(value)
-        except ValueError:
-            number = None
-        if number is None or number < minimum:
-            raise SettingsError(f"{name}={value!r} is not allowed: use auto (or leave it unset), or an integer "
-                                f">= {minimum}")
-        return number
-
-    def float(self, name: str, default: float, minimum: float = 0.0) -> float:
-        value = self.raw(name)
-        if value is None:
-            return default
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-        if number is None or number != number or number < minimum:
-            raise SettingsError(f"{name}={value!r} is not allowed: use a number >= {minimum:g}")
-        return number
-
-    def port(self, name: str, default: int) -> int:
-        return self.int(name, default, minimum=1, maximum=65535)
-
-    def path(self, name: str) -> Path | None:
-        value = self.raw(name)
-        return None if value is None else Path(value).expanduser()
-
-
-def default_cache_dir(env: Mapping[str, str], data_dir: Path | None = None) -> Path:
-    """LLAMA_GGUF_CACHE_DIR; in our images (LLAMA_GGUF_IMAGE set) $DATA_DIR/.cache/llama-gguf-inference, so the
-    default model is fetched once into the data volume; else the user's cache folder."""
-    if env.get("LLAMA_GGUF_CACHE_DIR"):
-        return Path(env["LLAMA_GGUF_CACHE_DIR"]).expanduser()
-    if env.get("LLAMA_GGUF_IMAGE") and data_dir is not None:
-        return data_dir / ".cache" / "llama-gguf-inference"
-    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "llama-gguf-inference"
-
-
-@dataclass(frozen=True)
-class Settings:
-    data_dir: Path
-    models_dir: Path
-    model_name: str | None = None
-    model_path: Path | None = None
-    cache_dir: Path = field(default_factory=lambda: default_cache_dir(os.environ))
-    llama_server_bin: Path | None = None
-
-    auth_enabled: bool = True
-    auth_keys_file: Path | None = None
-    max_requests_per_minute: int = 100
-    cors_origins: tuple[str, ...] = ()
-    metrics_auth_enabled: bool = False
-    auth_failure_limit: int = 10
-    auth_failure_window: float = 60.0
-    passthrough_routes: tuple[str, ...] = ()
-    client_timeout: float = 30.0
-    fast_lane: bool = True
-
-    parallel: int = 8
-    max_concurrent_requests: int = 8
-    max_queue_size: int = 0
-    max_request_body_size: int = 10 * 1024 * 1024
-    max_headers: int = 64
-    max_header_line_size: int = 8192
-    max_connections: int = 1024
-    max_tokens: int = 4096
-    max_response_size: int = 64 * 1024 * 1024
-    shared_prompt_cache: bool = True
-
-    ngl: int | None = None  # None: unset, llama-server fits the layers to free device memory (-ngl auto, --fit on)
-    ctx: int | None = None  # None: unset, no -c (the model's own context, shrunk by --fit to fit); 0: the model's own
-    threads: int = 0
-    extra_args: tuple[str, ...] = ()
-
-    host: str = "0.0.0.0"
-    port: int = 8000
-    port_health: int = 8001
-    port_backend: int = 8080
-
-    log_name: str = "llama"
-    worker_type: str = ""
-    debug_shell: bool = False
-    mode: str | None = None
-
-    stop_timeout: float = 10.0
-    backend_wait: float = 120.0
-    restart_limit: int = 5
-    restart_window: float = 300.0
-    restart_base_delay: float = 1.0
-    restart_max_delay: float = 60.0
-    crash_loop: str = "exit"
-    queue_timeout: float = 60.0
-    request_timeout: float = 600.0
-    stream_idle_timeout: float = 120.0
-    connect_timeout: float = 5.0
-    drain_timeout: float = 30.0
-    access_log: bool = True
-    log_format: str = "text"
-    access_log_max_bytes: int = 10_000_000
-    access_log_backups: int = 5
-    deprecations: tuple[str, ...] = ()
-
-    @property
-    def keys_file(self) -> Path:
-        return self.auth_keys_file or self.data_dir / "api_keys.txt"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.data_dir / "logs" / self.log_name
-
-    @property
-    def boot_log_dir(self) -> Path:
-        return self.data_dir / "logs" / "_boot"
-
-    def describe(self) -> dict[str, str]:
-        """The resolved settings as strings, safe to print (no secrets live in Settings)."""
-        out = {}
-        for key, value in asdict(self).items():
-            if isinstance(value, tuple):
-                value = " ".join(value)
-            out[key] = ("auto" if key in ("ngl", "ctx") else "") if value is None else str(value)
-        out["keys_file"] = str(self.keys_file)
-        out["log_dir"] = str(self.log_dir)
-        return out
-
-    @classmethod
-    def from_env(
-        cls, env: Mapping[str, str] | None = None, probe_roots: Iterable[Path] | None = None
-    ) -> Settings:
-        env = os.environ if env is None else env
-        r = _Reader(env)
-        deprecations: list[str] = []
-
-        data_dir = detect_data_dir(r.path("DATA_DIR"), probe_roots)
-        models_dir = r.path("MODELS_DIR") or data_dir / "models"
-
-        worker_type = r.str("WORKER_TYPE")
-        log_name = f"llama-{worker_type}" if worker_type else r.str("LOG_NAME", "llama")
-        if "/" in log_name or log_name in (".", ".."):
-            raise SettingsError(f"LOG_NAME={log_name!r} is not allowed: use a plain folder name")
-
-        if r.raw("PORT_BACKEND") is not None:
-            port_backend = r.port("PORT_BACKEND", 8080)
-        else:
-            port_backend = r.port("BACKEND_PORT", 8080)
-            if r.raw("BACKEND_PORT") is not None:
-                deprecations.append("BACKEND_PORT is deprecated: use PORT_BACKEND")
-
-        extra = r.str("EXTRA_ARGS")
-        try:
-            extra_args = tuple(shlex.split(extra))
-        except ValueError as exc:
-            raise SettingsError(f"EXTRA_ARGS={extra!r} cannot be split like a shell line: {exc}") from None
-
-        cors = tuple(o.strip().rstrip("/") for o in r.str("CORS_ORIGINS").split(",") if o.strip())
-        routes = tuple(p.strip() for p in r.str("PASSTHROUGH_ROUTES").split(",") if p.strip())
-        for route in routes:
-            if not route.startswith("/") or route.startswith("/v1/") or "{" in route:
-                raise SettingsError(
-                    f"PASSTHROUGH_ROUTES={r.str('PASSTHROUGH_ROUTES')!r} is not allowed: use llama-server paths "
-                    "such as /props,/slots,/tokenize"
-                )
-
-        mode = r.raw("MODE")
-        if mode is not None and mode.lower() not in MODES:
-            raise SettingsError(f"MODE={mode!r} is not allowed: use {' or '.join(MODES)}")
-
-        crash_loop = r.str("BACKEND_CRASH_LOOP", "exit").lower()
-        if crash_loop not in ("exit", "retry"):
-            raise SettingsError(f"BACKEND_CRASH_LOOP={crash_loop!r} is not allowed: use exit or retry")
-        log_format = (r.raw("LOG_FORMAT") or r.str("ACCESS_LOG_FORMAT", "text")).lower()
-        if log_format not in ("text", "json"):
-            raise SettingsError(f"LOG_FORMAT={log_format!r} is not allowed: use text or json")
-        parallel = r.int("PARALLEL", 8, minimum=1)
-        model_name = r.raw("MODEL_NAME")
-        if model_name is not None and ("/" in model_name or model_name in (".", "..")):
-            raise SettingsError(f"MODEL_NAME={model_name!r} is not allowed: use a file name; use MODEL_PATH for paths")
-
-        check_extra_args(extra_args)
-        check_passthrough_routes(routes)
-
-        settings = cls(
-            data_dir=data_dir,
-            models_dir=models_dir,
-            model_name=model_name,
-            model_path=r.path("MODEL_PATH"),
-            cache_dir=default_cache_dir(env, data_dir),
-            llama_server_bin=r.path("LLAMA_SERVER_BIN"),
-            auth_enabled=r.bool("AUTH_ENABLED", True),
-            auth_keys_file=r.path("AUTH_KEYS_FILE"),
-            max_requests_per_minute=r.int("MAX_REQUESTS_PER_MINUTE", 100, minimum=1),
-            cors_origins=cors,
-            metrics_auth_enabled=r.bool("METRICS_AUTH_ENABLED", False),
-            auth_failure_limit=r.int("AUTH_FAILURE_LIMIT", 10, minimum=1),
-            auth_failure_window=r.float("AUTH_FAILURE_WINDOW", 60.0, minimum=1.0),
-            passthrough_routes=routes,
-            client_timeout=r.float("CLIENT_TIMEOUT", 30.0, minimum=0.1),
-            fast_lane=r.bool("FAST_LANE", True),
-            parallel=parallel,
-            max_concurrent_requests=r.int("MAX_CONCURRENT_REQUESTS", parallel, minimum=1),
-            max_queue_size=r.int("MAX_QUEUE_SIZE", 0),
-            max_request_body_size=r.int("MAX_REQUEST_BODY_SIZE", 10 * 1024 * 1024, minimum=1),
-            max_headers=r.int("MAX_HEADERS", 64, minimum=1),
-            max_header_line_size=r.int("MAX_HEADER_LINE_SIZE", 8192, minimum=256),
-            max_connections=r.int("MAX_CONNECTIONS", 1024, minimum=1),
-            max_tokens=r.int("MAX_TOKENS", 4096, minimum=1),
-            max_response_size=r.int("MAX_RESPONSE_SIZE", 64 * 1024 * 1024, minimum=1024),
-            shared_prompt_cache=r.bool("SHARED_PROMPT_CACHE", True),
-            ngl=r.auto_int("NGL"),
-            ctx=r.auto_int("CTX"),
-            threads=r.int("THREADS", 0),
-            extra_args=extra_args,
-            host=r.str("HOST", "0.0.0.0"),
-            port=r.port("PORT", 8000),
-            port_health=r.port("PORT_HEALTH", 8001),
-            port_backend=port_backend,
-            log_name=log_name,
-            worker_type=worker_type,
-            debug_shell=r.bool("DEBUG_SHELL", False),
-            mode=mode.lower() if mode else None,
-            stop_timeout=r.float("BACKEND_STOP_TIMEOUT", 10.0),
-            backend_wait=r.float("BACKEND_WAIT_TIMEOUT", 120.0),
-            restart_limit=r.int("BACKEND_RESTART_LIMIT", 5, minimum=1),
-            restart_window=r.float("BACKEND_RESTART_WINDOW", 300.0, minimum=1.0),
-            restart_base_delay=r.float("BACKEND_RESTART_DELAY", 1.0),
-            restart_max_delay=r.float("BACKEND_RESTART_MAX_DELAY", 60.0),
-            crash_loop=crash_loop,
-            queue_timeout=r.float("QUEUE_TIMEOUT", 60.0, minimum=0.001),
-            request_timeout=r.float("REQUEST_TIMEOUT", 600.0, minimum=0.001),
-            stream_idle_timeout=r.float("STREAM_IDLE_TIMEOUT", 120.0, minimum=0.001),
-            connect_timeout=r.float("UPSTREAM_CONNECT_TIMEOUT", 5.0, minimum=0.001),
-            drain_timeout=r.float("DRAIN_TIMEOUT", 30.0),
-            access_log=r.bool("ACCESS_LOG", True),
-            log_format=log_format,
-            access_log_max_bytes=r.int("ACCESS_LOG_MAX_BYTES", 10_000_000, minimum=1024),
-            access_log_backups=r.int("ACCESS_LOG_BACKUPS", 5),
-            deprecations=tuple(deprecations),
-        )
-        ports = {"PORT": settings.port, "PORT_HEALTH": settings.port_health, "PORT_BACKEND": settings.port_backend}
-        if len(set(ports.values())) != len(ports):
-            shown = ", ".join(f"{k}={v}" for k, v in ports.items())
-            raise SettingsError(f"ports must differ: {shown}")
-        return settings
 
 
 # --- What may reach llama-server: EXTRA_ARGS flags and PASSTHROUGH_ROUTES ------------------------------------------
@@ -408,9 +128,553 @@ def check_passthrough_routes(routes: Iterable[str]) -> None:
             raise SettingsError(f"PASSTHROUGH_ROUTES: {exc}") from None
 
 
-def read_bool(name: str, env: Mapping[str, str] | None = None, default: bool = False) -> bool:
-    """One boolean setting, as every setting reads it (`python -m lifecycle.settings --bool NAME`)."""
-    return _Reader(os.environ if env is None else env).bool(name, default)
+# --- The table ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Var:
+    """One environment variable: how it is read and checked, its default, and its row in docs/CONFIGURATION.md.
+
+    kind: str, name (a plain file or folder name, `hint` says what to use instead), path, bool, int, port, float,
+    auto_int (an integer, or None for unset/`auto`), choice (one of `choices`, lower-cased), list and origins
+    (comma-separated; origins lose a trailing `/`), args (split like a shell line). `check` runs on a set value.
+    `default` is the value when unset (None: unset); `default_from` takes another variable's value instead;
+    `shown` is the docs' default where it is worked out at start-up. `alias_of`: another name of that variable,
+    read when it is unset (`deprecated`: with a warning). `read_by`: not a Settings field, read by that module.
+    `doc` is the description; `{NAME}` in it is NAME's default. `new` marks it **New.**; `was`: the old default.
+    """
+
+    name: str
+    section: str
+    kind: str = "str"
+    default: Any = None
+    doc: str = ""
+    minimum: float = 0
+    maximum: int | None = None
+    choices: tuple[str, ...] = ()
+    hint: str = ""
+    check: Callable[[Any], None] | None = None
+    default_from: str | None = None
+    shown: str | None = None
+    alias_of: str | None = None
+    deprecated: bool = False
+    new: bool = False
+    was: str | None = None
+    read_by: str | None = None
+
+    def parse(self, raw: str, name: str | None = None) -> Any:
+        """A set value (stripped, not empty) as this variable's value; errors name `name` (an alias) or ours."""
+        value = _PARSERS[self.kind](self, name or self.name, raw)
+        if self.check is not None:
+            self.check(value)
+        return value
+
+
+def _raw(env: Mapping[str, str], name: str) -> str | None:
+    """The value as given, stripped; None when unset or empty (an empty value counts as unset)."""
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def _bool(var: Var, name: str, raw: str) -> bool:
+    low = raw.lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean: use true/false, 1/0, yes/no or on/off")
+
+
+def _int(var: Var, name: str, raw: str) -> int:
+    minimum, maximum = PORT_RANGE if var.kind == "port" else (int(var.minimum), var.maximum)
+    try:
+        number = int(raw)
+    except ValueError:
+        number = None
+    if number is None or number < minimum or (maximum is not None and number > maximum):
+        allowed = f"an integer >= {minimum}" if maximum is None else f"an integer {minimum}-{maximum}"
+        raise SettingsError(f"{name}={raw!r} is not allowed: use {allowed}")
+    return number
+
+
+def _auto_int(var: Var, name: str, raw: str) -> int | None:
+    if raw.lower() == "auto":
+        return None
+    try:
+        number = int(raw)
+    except ValueError:
+        number = None
+    if number is None or number < var.minimum:
+        raise SettingsError(f"{name}={raw!r} is not allowed: use auto (or leave it unset), or an integer "
+                            f">= {int(var.minimum)}")
+    return number
+
+
+def _float(var: Var, name: str, raw: str) -> float:
+    try:
+        number = float(raw)
+    except ValueError:
+        number = None
+    if number is None or number != number or number < var.minimum:
+        raise SettingsError(f"{name}={raw!r} is not allowed: use a number >= {var.minimum:g}")
+    return number
+
+
+def _choice(var: Var, name: str, raw: str) -> str:
+    if raw.lower() not in var.choices:
+        raise SettingsError(f"{name}={raw!r} is not allowed: use {' or '.join(var.choices)}")
+    return raw.lower()
+
+
+def _name(var: Var, name: str, raw: str) -> str:
+    if "/" in raw or raw in (".", ".."):
+        raise SettingsError(f"{name}={raw!r} is not allowed: {var.hint}")
+    return raw
+
+
+def _args(var: Var, name: str, raw: str) -> tuple[str, ...]:
+    try:
+        return tuple(shlex.split(raw))
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r} cannot be split like a shell line: {exc}") from None
+
+
+_PARSERS: dict[str, Callable[[Var, str, str], Any]] = {
+    "str": lambda var, name, raw: raw,
+    "name": _name,
+    "path": lambda var, name, raw: Path(raw).expanduser(),
+    "bool": _bool,
+    "int": _int,
+    "port": _int,
+    "float": _float,
+    "auto_int": _auto_int,
+    "choice": _choice,
+    "list": lambda var, name, raw: tuple(item.strip() for item in raw.split(",") if item.strip()),
+    "origins": lambda var, name, raw: tuple(item.strip().rstrip("/") for item in raw.split(",") if item.strip()),
+    "args": _args,
+}
+
+# Every variable, in the order of its docs section. Sections: the `<!-- settings:SECTION -->` tables of
+# docs/CONFIGURATION.md.
+VARIABLES: tuple[Var, ...] = (
+    # Model
+    Var("MODEL_NAME", "model", "name", hint="use a file name; use MODEL_PATH for paths",
+        doc="GGUF file name, looked up in `MODELS_DIR`. A plain file name (no `/`)."),
+    Var("MODEL_PATH", "model", "path", doc="Full path to a GGUF file; wins over `MODEL_NAME`."),
+    Var("MODELS_DIR", "model", "path", shown=f"`$DATA_DIR/{MODELS_SUBDIR}`", doc="Where `MODEL_NAME` is looked up."),
+    # Paths
+    Var("DATA_DIR", "paths", "path", shown="detected",
+        doc="Base directory for models, logs and the keys file. Must be writable (logs go there): if it is not, "
+            "start-up stops with exit code 1 and one line naming it, in both modes (before: a traceback). "
+            "`make serve` uses `./data`."),
+    Var("LLAMA_GGUF_CACHE_DIR", "paths", "path", shown=f"`~/{CACHE_SUBDIR.as_posix()}`",
+        doc="Build and download cache (llama-server builds, the default model). `XDG_CACHE_HOME` is honoured."),
+    # Backend (llama-server)
+    Var("LLAMA_SERVER_BIN", "backend", "path", doc="Path to a `llama-server` binary to use."),
+    Var("CMAKE_ARGS", "backend", read_by="lifecycle/llama_server.py",
+        doc="Extra CMake arguments when llama-server is built from source, e.g. `-DGGML_CUDA=ON`. Each distinct "
+            "value gets its own cache entry."),
+    Var("NGL", "backend", "auto_int", was="`99`",
+        doc="Layers offloaded to the GPU. Unset or `auto`: llama-server fits them to free device memory "
+            "(`-ngl auto --fit on`), see [GPU offload and context](#gpu-offload-and-context). A number is passed "
+            "exactly (`-ngl N`): 0 = CPU only, 99 (or more) = all."),
+    Var("CTX", "backend", "auto_int", was="`16384`",
+        doc="Context length, shared by the parallel slots. Unset or `auto`: no `-c`, so llama-server takes the "
+            "model's trained context and `--fit` shrinks it when it does not fit in memory. A number is passed "
+            "exactly (`-c N`); 0 = the model's own, in full (`--fit` keeps it)."),
+    Var("PARALLEL", "backend", "int", 8, minimum=1, new=True,
+        doc="Parallel decoding slots in llama-server (`--parallel`). Throughput comes from here. They share one KV "
+            "buffer of `CTX` tokens (`--kv-unified`, as llama-server does with its own automatic slot count), so "
+            "one request may still use the whole context; pass `--no-kv-unified` in `EXTRA_ARGS` to split it "
+            "`CTX / PARALLEL` per slot."),
+    Var("THREADS", "backend", "int", 0, doc="CPU threads (`-t`); 0 = llama-server decides."),
+    Var("EXTRA_ARGS", "backend", "args", (), check=check_extra_args,
+        doc="More llama-server arguments, split like a shell line (`EXTRA_ARGS=\"--embeddings --pooling mean\"`). "
+            "Flags that would rebind, unlock or arm the backend are refused at start-up (exit 2), see below."),
+    Var("PORT_BACKEND", "backend", "port", 8080, doc="llama-server's port, bound to 127.0.0.1 only."),
+    Var("BACKEND_PORT", "backend", alias_of="PORT_BACKEND", deprecated=True),
+    Var("BACKEND_STOP_TIMEOUT", "backend", "float", 10.0, new=True,
+        doc="Seconds between SIGTERM and SIGKILL when stopping llama-server."),
+    Var("BACKEND_RESTART_DELAY", "backend", "float", 1.0, new=True,
+        doc="First restart backoff in seconds, doubled per crash."),
+    Var("BACKEND_RESTART_MAX_DELAY", "backend", "float", 60.0, new=True, doc="Backoff cap."),
+    Var("BACKEND_RESTART_LIMIT", "backend", "int", 5, minimum=1, new=True,
+        doc="Crashes within `BACKEND_RESTART_WINDOW` that make a crash loop."),
+    Var("BACKEND_RESTART_WINDOW", "backend", "float", 300.0, minimum=1.0, new=True, doc="Seconds."),
+    Var("BACKEND_CRASH_LOOP", "backend", "choice", "exit", choices=("exit", "retry"), new=True,
+        doc="On a crash loop: `exit` (code 1, the platform replaces the container) or `retry`. See "
+            "[RESILIENCE.md](RESILIENCE.md)."),
+    Var("BACKEND_WAIT_TIMEOUT", "backend", "float", 120.0, new=True,
+        doc="Serverless mode: how long a job waits for a backend that is (re)starting before it fails."),
+    # Gateway (HTTP mode)
+    Var("HOST", "gateway", "str", "0.0.0.0", new=True, doc="Address the gateway and health port bind to."),
+    Var("PORT", "gateway", "port", 8000, doc="Public gateway port."),
+    Var("PORT_HEALTH", "gateway", "port", 8001,
+        doc="Health-only port for platform probes (200 to GET/HEAD on any path, never touches the backend). Every "
+            "answer carries an `X-Request-ID` (before, none did)."),
+    Var("AUTH_ENABLED", "gateway", "bool", True, doc="API key authentication."),
+    Var("AUTH_KEYS_FILE", "gateway", "path", shown=f"`$DATA_DIR/{KEYS_FILE_NAME}`",
+        doc="Keys file; see [AUTHENTICATION.md](AUTHENTICATION.md). Reloaded by itself when it changes."),
+    Var("MAX_REQUESTS_PER_MINUTE", "gateway", "int", 100, minimum=1,
+        doc="Rate limit per key (sliding 60 s window); a key's own limit in the file wins."),
+    Var("CORS_ORIGINS", "gateway", "origins", (), doc="Comma-separated allowed origins, `*`, or empty for off."),
+    Var("METRICS_AUTH_ENABLED", "gateway", "bool", False, new=True, doc="Require a key for `/metrics`."),
+    Var("AUTH_FAILURE_LIMIT", "gateway", "int", 10, minimum=1, new=True,
+        doc="Failed keys from one address within `AUTH_FAILURE_WINDOW` before it gets 429."),
+    Var("AUTH_FAILURE_WINDOW", "gateway", "float", 60.0, minimum=1.0, new=True,
+        doc="Seconds that failed keys are remembered per address."),
+    Var("PASSTHROUGH_ROUTES", "gateway", "list", (), check=check_passthrough_routes, new=True,
+        doc="llama-server routes to open through the gateway (e.g. `/props,/tokenize`); closed by default. Plain "
+            "paths only. `/props`, `/slots`, `/lora-adapters` and `/models` open for GET only (their POST changes "
+            "llama-server's state); `/tools`, `/cors-proxy`, anything under `/slots/`, `/models/` or `/v1/`, and "
+            "the gateway's own `/ping`, `/health`, `/metrics`, `/reload` are refused at start-up (exit 2). Other "
+            "routes open for GET and POST. One rule: `passthrough_methods` in `lifecycle/settings.py`."),
+    Var("CLIENT_TIMEOUT", "gateway", "float", 30.0, minimum=0.1, new=True,
+        doc="Seconds a client may take to send its body (else 408), sit idle or stuck in its headers, or leave an "
+            "answer unread: a client that reads nothing for this long while its stream (or a large answer) waits "
+            "is dropped, and its backend slot is freed. (Before, a client that never read its stream held a slot "
+            "forever.)"),
+    Var("MAX_CONNECTIONS", "gateway", "int", 1024, minimum=1, new=True,
+        doc="Open client connections on `PORT` (and, separately, on `PORT_HEALTH`). One more gets a 503 "
+            "`too_many_connections` and is closed before anything of it is read."),
+    Var("FAST_LANE", "gateway", "bool", True, new=True,
+        doc="Answer plain API calls (whole JSON POSTs to the generation routes, streamed or not, and "
+            "`GET /v1/models`) on the gateway's lean request path; everything else always takes the full aiohttp "
+            "path. `false` sends every request through aiohttp. Same answers, headers and checks either way; see "
+            "[README.md, Speed](../README.md#speed)."),
+    Var("MAX_CONCURRENT_REQUESTS", "gateway", "int", default_from="PARALLEL", minimum=1,
+        doc="Requests sent to the backend at once. The old default was 1, which serialised everything."),
+    Var("MAX_QUEUE_SIZE", "gateway", "int", 0, doc="Requests allowed to wait (0 = unbounded)."),
+    Var("QUEUE_TIMEOUT", "gateway", "float", 60.0, minimum=0.001, new=True,
+        doc="Seconds a request may wait for a slot before a 503 `queue_timeout`."),
+    Var("REQUEST_TIMEOUT", "gateway", "float", 600.0, minimum=0.001, new=True,
+        doc="Seconds for a whole non-streaming request before a 504."),
+    Var("STREAM_IDLE_TIMEOUT", "gateway", "float", 120.0, minimum=0.001, new=True,
+        doc="Longest silence between two pieces of a stream before an SSE error event."),
+    Var("UPSTREAM_CONNECT_TIMEOUT", "gateway", "float", 5.0, minimum=0.001, new=True,
+        doc="Seconds to connect to llama-server."),
+    Var("DRAIN_TIMEOUT", "gateway", "float", 30.0, new=True,
+        doc="On SIGTERM, seconds in-flight requests may take to finish."),
+    Var("MAX_REQUEST_BODY_SIZE", "gateway", "int", 10 * 1024 * 1024, minimum=1,
+        doc="Largest request body in bytes; larger gets 413."),
+    Var("MAX_HEADERS", "gateway", "int", 64, minimum=1, doc="Most request headers; more get a 431."),
+    Var("MAX_HEADER_LINE_SIZE", "gateway", "int", 8192, minimum=256,
+        doc="Longest header line in bytes; longer gets a 431. Together with `MAX_HEADERS` this bounds what a "
+            "connection still sending its headers can hold ({MAX_HEADERS} x {MAX_HEADER_LINE_SIZE} bytes); "
+            "before, the parser took 16 times that before refusing."),
+    Var("MAX_TOKENS", "gateway", "int", 4096, minimum=1, new=True,
+        doc="The most tokens one request may generate. A request that gives no `max_tokens` (or `-1`) gets up to "
+            "this many (llama-server's `-n`; before, it generated until the context was full); one that asks for "
+            "more gets a 400 naming the field (`max_tokens`, `max_completion_tokens`, `n_predict`). Serverless "
+            "jobs obey it too."),
+    Var("MAX_RESPONSE_SIZE", "gateway", "int", 64 * 1024 * 1024, minimum=1024, new=True,
+        doc="Largest whole (non-streamed) backend answer in bytes; a larger one is dropped, not buffered, and the "
+            "client gets a 502 `backend_answer_too_large`. Streams are passed on as they arrive and are not "
+            "limited."),
+    Var("SHARED_PROMPT_CACHE", "gateway", "bool", True, new=True,
+        doc="llama-server reuses the cached prefix of an earlier prompt, whoever sent it, and says so in "
+            "`usage.prompt_tokens_details.cached_tokens`, `timings` and in how fast the answer comes: one key can "
+            "learn that another sent the same prompt. `false` sends `\"cache_prompt\": false` with every request, "
+            "so no prompt is reused: nothing to learn, at the cost of processing every prompt in full."),
+    # Logs and modes
+    Var("LOG_NAME", "logs", "name", "llama", hint="use a plain folder name",
+        doc="Log folder name under `$DATA_DIR/logs/`."),
+    Var("WORKER_TYPE", "logs", "name", "", hint="use a plain folder name",
+        doc="When set, the log folder is `{LOG_NAME}-<WORKER_TYPE>` (and `LOG_NAME` is not used)."),
+    Var("MODE", "logs", "choice", choices=MODES, shown="detected",
+        doc="`gateway` (HTTP mode) or `handler` (RunPod serverless). Detected: `handler` when "
+            "`RUNPOD_WEBHOOK_GET_JOB` is set, else `gateway`."),
+    Var("DEBUG_SHELL", "logs", "bool", False,
+        doc="`entrypoint.sh` prints the resolved settings and holds instead of starting. Any boolean spelling "
+            "(`on`, `yes`, ...); a bad value exits 2."),
+    Var("ACCESS_LOG", "logs", "bool", True, new=True,
+        doc="One line per request in `$DATA_DIR/logs/<LOG_NAME>/access.log`; see [METRICS.md](METRICS.md)."),
+    Var("LOG_FORMAT", "logs", "choice", "text", choices=("text", "json"), new=True,
+        doc="Access log lines as `text` or `json` (JSON lines)."),
+    Var("ACCESS_LOG_FORMAT", "logs", alias_of="LOG_FORMAT"),
+    Var("ACCESS_LOG_MAX_BYTES", "logs", "int", 10_000_000, minimum=1024, new=True,
+        doc="Size at which the access log is rotated."),
+    Var("ACCESS_LOG_BACKUPS", "logs", "int", 5, new=True, doc="Rotated access logs kept."),
+)
+VARS: dict[str, Var] = {var.name: var for var in VARIABLES}
+SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(var.section for var in VARIABLES))
+
+
+def aliases(name: str) -> tuple[Var, ...]:
+    """The other names of variable `name`, read in this order when it is unset."""
+    return tuple(var for var in VARIABLES if var.alias_of == name)
+
+
+_UNSET: Any = object()
+
+
+def _lookup(var: Var, env: Mapping[str, str], deprecations: list[str] | None = None) -> Any:
+    """Variable `var` read from `env` (by its name, else by its aliases'), or _UNSET when none is set. A deprecated
+    alias that is read adds its warning to `deprecations`."""
+    for name in (var.name, *(alias.name for alias in aliases(var.name))):
+        raw = _raw(env, name)
+        if raw is not None:
+            if name != var.name and VARS[name].deprecated and deprecations is not None:
+                deprecations.append(f"{name} is deprecated: use {var.name}")
+            return var.parse(raw, name)
+    return _UNSET
+
+
+def read(name: str, env: Mapping[str, str] | None = None) -> Any:
+    """One variable as Settings reads it (its aliases included), or its default when unset; SettingsError when bad.
+    For the few places that need one setting without the whole Settings object."""
+    var = VARS[name]
+    var = VARS[var.alias_of] if var.alias_of else var
+    value = _lookup(var, os.environ if env is None else env)
+    if value is not _UNSET:
+        return value
+    return read(var.default_from, env) if var.default_from else var.default
+
+
+def read_bool(name: str, env: Mapping[str, str] | None = None, default: bool | None = None) -> bool:
+    """One boolean setting, as every setting reads it (`python -m lifecycle.settings --bool NAME`). Unset: `default`,
+    else the table's default (false for a name not in the table)."""
+    var = VARS.get(name)
+    if var is None or var.kind != "bool":
+        var = Var(name, "", "bool", False)
+    value = _lookup(var, os.environ if env is None else env)
+    if value is _UNSET:
+        return var.default if default is None else default
+    return bool(value)
+
+
+def default_cache_dir(env: Mapping[str, str], data_dir: Path | None = None) -> Path:
+    """LLAMA_GGUF_CACHE_DIR; in our images (LLAMA_GGUF_IMAGE set) $DATA_DIR/.cache/llama-gguf-inference, so the
+    default model is fetched once into the data volume; else the user's cache folder."""
+    explicit = read("LLAMA_GGUF_CACHE_DIR", env)
+    if explicit is not None:
+        return explicit
+    if env.get("LLAMA_GGUF_IMAGE") and data_dir is not None:
+        return data_dir / CACHE_SUBDIR
+    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / CACHE_SUBDIR.parent
+    return base.expanduser() / CACHE_SUBDIR.name
+
+
+def setting(name: str, *, required: bool = False, factory: Callable[[], Any] | None = None) -> Any:
+    """A Settings field read from variable `name`, with the table's default (none when `required`)."""
+    var = VARS[name]
+    metadata = {"env": name}
+    if required:
+        return field(metadata=metadata)
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    default = VARS[var.default_from].default if var.default_from else var.default
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every field is read from the variable `setting()` names, with the table's default."""
+
+    data_dir: Path = setting("DATA_DIR", required=True)
+    models_dir: Path = setting("MODELS_DIR", required=True)
+    model_name: str | None = setting("MODEL_NAME")
+    model_path: Path | None = setting("MODEL_PATH")
+    cache_dir: Path = setting("LLAMA_GGUF_CACHE_DIR", factory=lambda: default_cache_dir(os.environ))
+    llama_server_bin: Path | None = setting("LLAMA_SERVER_BIN")
+
+    auth_enabled: bool = setting("AUTH_ENABLED")
+    auth_keys_file: Path | None = setting("AUTH_KEYS_FILE")
+    max_requests_per_minute: int = setting("MAX_REQUESTS_PER_MINUTE")
+    cors_origins: tuple[str, ...] = setting("CORS_ORIGINS")
+    metrics_auth_enabled: bool = setting("METRICS_AUTH_ENABLED")
+    auth_failure_limit: int = setting("AUTH_FAILURE_LIMIT")
+    auth_failure_window: float = setting("AUTH_FAILURE_WINDOW")
+    passthrough_routes: tuple[str, ...] = setting("PASSTHROUGH_ROUTES")
+    client_timeout: float = setting("CLIENT_TIMEOUT")
+    fast_lane: bool = setting("FAST_LANE")
+
+    parallel: int = setting("PARALLEL")
+    max_concurrent_requests: int = setting("MAX_CONCURRENT_REQUESTS")
+    max_queue_size: int = setting("MAX_QUEUE_SIZE")
+    max_request_body_size: int = setting("MAX_REQUEST_BODY_SIZE")
+    max_headers: int = setting("MAX_HEADERS")
+    max_header_line_size: int = setting("MAX_HEADER_LINE_SIZE")
+    max_connections: int = setting("MAX_CONNECTIONS")
+    max_tokens: int = setting("MAX_TOKENS")
+    max_response_size: int = setting("MAX_RESPONSE_SIZE")
+    shared_prompt_cache: bool = setting("SHARED_PROMPT_CACHE")
+
+    # None: unset, llama-server fits the layers to free device memory (-ngl auto, --fit on)
+    ngl: int | None = setting("NGL")
+    # None: unset, no -c (the model's own context, shrunk by --fit to fit); 0: the model's own
+    ctx: int | None = setting("CTX")
+    threads: int = setting("THREADS")
+    extra_args: tuple[str, ...] = setting("EXTRA_ARGS")
+
+    host: str = setting("HOST")
+    port: int = setting("PORT")
+    port_health: int = setting("PORT_HEALTH")
+    port_backend: int = setting("PORT_BACKEND")
+
+    log_name: str = setting("LOG_NAME")
+    worker_type: str = setting("WORKER_TYPE")
+    debug_shell: bool = setting("DEBUG_SHELL")
+    mode: str | None = setting("MODE")
+
+    stop_timeout: float = setting("BACKEND_STOP_TIMEOUT")
+    backend_wait: float = setting("BACKEND_WAIT_TIMEOUT")
+    restart_limit: int = setting("BACKEND_RESTART_LIMIT")
+    restart_window: float = setting("BACKEND_RESTART_WINDOW")
+    restart_base_delay: float = setting("BACKEND_RESTART_DELAY")
+    restart_max_delay: float = setting("BACKEND_RESTART_MAX_DELAY")
+    crash_loop: str = setting("BACKEND_CRASH_LOOP")
+    queue_timeout: float = setting("QUEUE_TIMEOUT")
+    request_timeout: float = setting("REQUEST_TIMEOUT")
+    stream_idle_timeout: float = setting("STREAM_IDLE_TIMEOUT")
+    connect_timeout: float = setting("UPSTREAM_CONNECT_TIMEOUT")
+    drain_timeout: float = setting("DRAIN_TIMEOUT")
+    access_log: bool = setting("ACCESS_LOG")
+    log_format: str = setting("LOG_FORMAT")
+    access_log_max_bytes: int = setting("ACCESS_LOG_MAX_BYTES")
+    access_log_backups: int = setting("ACCESS_LOG_BACKUPS")
+    deprecations: tuple[str, ...] = ()  # the warnings for deprecated variables that were read
+
+    @property
+    def keys_file(self) -> Path:
+        return self.auth_keys_file or self.data_dir / KEYS_FILE_NAME
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs" / self.log_name
+
+    @property
+    def boot_log_dir(self) -> Path:
+        return self.data_dir / "logs" / "_boot"
+
+    def describe(self) -> dict[str, str]:
+        """The resolved settings as strings, safe to print (no secrets live in Settings)."""
+        out = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, tuple):
+                value = " ".join(value)
+            if value is None:
+                var = VARS.get(item.metadata.get("env", ""))
+                value = "auto" if var is not None and var.kind == "auto_int" else ""
+            out[item.name] = str(value)
+        out["keys_file"] = str(self.keys_file)
+        out["log_dir"] = str(self.log_dir)
+        return out
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, probe_roots: Iterable[Path] | None = None
+    ) -> Settings:
+        env = os.environ if env is None else env
+        deprecations: list[str] = []
+        values: dict[str, Any] = {}
+        unset: list[tuple[str, str]] = []  # (field, variable) read from another variable
+        for item in fields(cls):
+            if "env" not in item.metadata:
+                continue
+            var = VARS[item.metadata["env"]]
+            value = _lookup(var, env, deprecations)
+            if value is not _UNSET:
+                values[item.name] = value
+            elif var.default_from is not None:
+                unset.append((item.name, var.default_from))
+            else:
+                values[item.name] = var.default
+        for name, source in unset:
+            values[name] = values[_FIELDS[source]]
+
+        # The defaults that are worked out here: each is the `shown` of its variable in the table.
+        data_dir = values["data_dir"] = detect_data_dir(values["data_dir"], probe_roots)
+        values["models_dir"] = values["models_dir"] or data_dir / MODELS_SUBDIR
+        values["cache_dir"] = default_cache_dir(env, data_dir)
+        if values["worker_type"]:
+            values["log_name"] = f"{VARS['LOG_NAME'].default}-{values['worker_type']}"
+
+        settings = cls(**values, deprecations=tuple(deprecations))
+        ports = {"PORT": settings.port, "PORT_HEALTH": settings.port_health, "PORT_BACKEND": settings.port_backend}
+        if len(set(ports.values())) != len(ports):
+            shown = ", ".join(f"{k}={v}" for k, v in ports.items())
+            raise SettingsError(f"ports must differ: {shown}")
+        return settings
+
+
+# Variable -> the Settings field it sets.
+_FIELDS: dict[str, str] = {item.metadata["env"]: item.name for item in fields(Settings) if "env" in item.metadata}
+
+
+# --- docs/CONFIGURATION.md ------------------------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "CONFIGURATION.md"
+DOCS_COMMAND = "python -m lifecycle.settings --docs"
+_BLOCK = re.compile(r"(<!-- settings:(?P<section>[a-z]+) -->\n)(?P<body>.*?)(<!-- /settings -->)", re.DOTALL)
+
+
+def _plain(value: Any) -> str:
+    """A default as it is written in the environment."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
+def shown_default(var: Var) -> str:
+    """The Default cell of `var`'s docs row."""
+    target = VARS[var.alias_of] if var.alias_of else var
+    if target.shown is not None:
+        return target.shown
+    if target.default_from is not None:
+        return f"`{target.default_from}`"
+    if target.default is None:
+        return "unset (`auto`)" if target.kind == "auto_int" else "—"
+    text = _plain(target.default)
+    return f"`{text}`" if text else '`""`'
+
+
+def description(var: Var) -> str:
+    """The Description cell of `var`'s docs row."""
+    parts = []
+    if var.new:
+        parts.append("**New.**")
+    if var.was is not None:
+        parts.append(f"**Changed** (was {var.was}).")
+    if var.alias_of is not None:
+        parts.append(f"Deprecated alias of `{var.alias_of}` (a warning is logged)." if var.deprecated else
+                     f"Alias of `{var.alias_of}`, read when `{var.alias_of}` is unset.")
+    if var.doc:
+        parts.append(var.doc.format_map({name: _plain(other.default) for name, other in VARS.items()}))
+    return " ".join(parts)
+
+
+def docs_table(section: str) -> str:
+    """The Markdown table of one docs section."""
+    lines = ["| Variable | Default | Description |", "| --- | --- | --- |"]
+    for var in VARIABLES:
+        if var.section == section:
+            lines.append(f"| `{var.name}` | {shown_default(var)} | {description(var)} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_docs(text: str) -> str:
+    """`text` with every `<!-- settings:SECTION -->` ... `<!-- /settings -->` block filled from VARIABLES."""
+
+    def fill(match: re.Match[str]) -> str:
+        section = match["section"]
+        if section not in SECTIONS:
+            raise SettingsError(f"docs: no settings section {section!r}: use one of {', '.join(SECTIONS)}")
+        return f"{match[1]}{docs_table(section)}{match[4]}"
+
+    return _BLOCK.sub(fill, text)
+
+
+def docs_sections(text: str) -> list[str]:
+    """The sections whose tables `text` holds, in order."""
+    return [match["section"] for match in _BLOCK.finditer(text)]
 
 
 BAD_SETTINGS_EXIT = 2
@@ -429,8 +693,11 @@ def load_settings() -> Settings | None:
 def main(argv: list[str] | None = None) -> int:
     """`python -m lifecycle.settings`: print the resolved settings (DEBUG_SHELL uses it).
 
-    `python -m lifecycle.settings --bool NAME`: print `true` or `false` for one boolean setting (unset: false), or
-    the one-line error and exit 2; entrypoint.sh reads DEBUG_SHELL so, with the same rule as Python."""
+    `python -m lifecycle.settings --bool NAME`: print `true` or `false` for one boolean setting (unset: its
+    default), or the one-line error and exit 2; entrypoint.sh reads DEBUG_SHELL so, with the same rule as Python.
+
+    `python -m lifecycle.settings --docs [--check]`: write the variable tables of docs/CONFIGURATION.md from
+    VARIABLES (`--check`: write nothing, exit 1 when they differ)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--bool"] and len(argv) == 2:
         try:
@@ -439,6 +706,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return BAD_SETTINGS_EXIT
         return 0
+    if argv in (["--docs"], ["--docs", "--check"]):
+        text = DOCS.read_text(encoding="utf-8")
+        rendered = render_docs(text)
+        if rendered == text:
+            return 0
+        if "--check" in argv:
+            print(f"error: {DOCS} differs from the settings table: run {DOCS_COMMAND}", file=sys.stderr)
+            return 1
+        DOCS.write_text(rendered, encoding="utf-8")
+        print(f"wrote {DOCS}")
+        return 0
+    if argv:
+        print("usage: python -m lifecycle.settings [--bool NAME | --docs [--check]]", file=sys.stderr)
+        return BAD_SETTINGS_EXIT
     settings = load_settings()
     if settings is None:
         return BAD_SETTINGS_EXIT
