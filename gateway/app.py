@@ -17,46 +17,43 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway import health, proxy
+from gateway import health, proxy, scrape
 from gateway.accesslog import AccessLog
 from gateway.admission import Admission
-from gateway.appkeys import (
+from gateway.auth import Admitted, KeyStore, verdict
+from gateway.connections import Connections
+from gateway.cors import Cors
+from gateway.decorate import decorate
+from gateway.drain import Drain
+from gateway.errors import CLIENT_CLOSED, error_response
+from gateway.metrics import Metrics
+from gateway.observe import Observer
+from gateway.pipeline import Exchange, Pipeline
+from gateway.ratelimit import SlidingWindow
+from gateway.requestid import HEADER as REQUEST_ID_HEADER
+from gateway.requestid import RequestIds
+from gateway.routes import ALWAYS_PUBLIC, PROBES
+from gateway.state import (
     ACCESS_LOG,
     ADMISSION,
-    ANSWER,
     BACKEND,
     CONNECTIONS,
     CORS,
     DRAIN,
+    EXCHANGE,
     FAILURES,
-    KEY_ID,
     KEYS,
     LIMITER,
     LIMITS,
     METRICS,
     OBSERVER,
-    RATE,
-    REJECTED,
-    REQUEST_ID,
+    PIPELINE,
     REQUEST_IDS,
-    SENT_STATUS,
     SETTINGS,
-    STARTED,
     STATS,
-    TTFT,
     UPSTREAM,
 )
-from gateway.auth import KeyStore, bearer_token, utcnow
-from gateway.connections import Connections
-from gateway.cors import Cors
-from gateway.decorate import decorate
-from gateway.errors import CLIENT_CLOSED, error_response
-from gateway.metrics import Metrics
-from gateway.observe import Observer
-from gateway.ratelimit import SlidingWindow
-from gateway.requestid import HEADER as REQUEST_ID_HEADER
-from gateway.requestid import RequestIds
-from gateway.stats import Drain, Stats
+from gateway.stats import Stats
 from lifecycle.request_rules import Limits
 from lifecycle.settings import Settings
 from lifecycle.supervisor import Supervisor
@@ -66,14 +63,13 @@ log = logging.getLogger("gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_REQUEST_LINE = 8192
-PROBES = frozenset({"/ping", "/health", "/metrics"})
 
 
 def check_limits(request: web.Request, settings: Settings) -> web.Response | None:
     """Request line, header and declared body limits, answered before the body is read."""
     refused = _limits(request, settings)
     if refused is not None:
-        request[REJECTED] = "size"
+        request[EXCHANGE].rejected = "size"
     return refused
 
 
@@ -102,7 +98,7 @@ def http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
         message = f"method {request.method} is not allowed on {request.path}"
     elif exc.status == 413:
         message = f"request body is larger than {request.app[SETTINGS].max_request_body_size} bytes"
-        request[REJECTED] = "size"
+        request[EXCHANGE].rejected = "size"
     headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
     response = error_response(exc.status, message, headers=headers)
     if exc.status in (408, 413):
@@ -112,62 +108,43 @@ def http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
 
 def _public(request: web.Request, settings: Settings) -> bool:
     path = request.path
-    if path in ("/ping", "/health"):
+    if path in ALWAYS_PUBLIC:
         return True
     return path == "/metrics" and not settings.metrics_auth_enabled
 
 
 def authorize(request: web.Request, settings: Settings) -> web.Response | None:
-    """Who is calling (request[KEY_ID]) and whether their rate limit allows it; None means go on."""
-    if not settings.auth_enabled:
-        request[KEY_ID] = "anonymous"
-        return None
-    if _public(request, settings):
+    """Who is calling and whether their rate limit allows it (gateway.auth.verdict, the rule the fast lane uses
+    too); None means go on, with the key id and the rate decision on the request's Exchange."""
+    ex = request[EXCHANGE]
+    if settings.auth_enabled and _public(request, settings):
         return None
     app = request.app
-    failures = app[FAILURES]
-    client = request.remote or "unknown"
-    blocked = failures.check(client, settings.auth_failure_limit, consume=False)
-    if not blocked.allowed:
-        request[REJECTED] = "auth"
-        return error_response(429, "too many failed API keys from this address; retry later", "too_many_auth_failures",
-                              headers={"Retry-After": str(blocked.retry_after)})
-    keys = app[KEYS].ring
-    token = bearer_token(request.headers.get("Authorization", ""))
-    entry = keys.match(token) if token else None
-    if entry is None or (entry.expires is not None and entry.expired(utcnow())):
-        failures.add(client)
-        request[REJECTED] = "auth"
-        if not keys:
-            return error_response(401, "authentication is enabled but no API keys are configured", "no_api_keys")
-        if not token:
-            return error_response(401, "missing API key: send Authorization: Bearer <key>", "missing_api_key")
-        if entry is not None:
-            log.info("expired key used: key_id=%s request_id=%s", entry.key_id, request[REQUEST_ID])
-            return error_response(401, "this API key has expired", "expired_api_key")
-        return error_response(401, "invalid API key", "invalid_api_key")
-    request[KEY_ID] = entry.key_id
-    limit = entry.rate_limit or settings.max_requests_per_minute
-    decision = app[LIMITER].check(entry.key_id, limit)
-    request[RATE] = decision
-    if not decision.allowed:
-        request[REJECTED] = "rate"
-        log.info("rate limited: key_id=%s limit=%d/min request_id=%s", entry.key_id, limit, request[REQUEST_ID])
-        return error_response(429, f"rate limit of {limit} requests per minute exceeded", "rate_limit_exceeded")
-    return None
+    result = verdict(app[KEYS].ring, app[FAILURES], app[LIMITER], settings, request.headers.get("Authorization", ""),
+                     request.remote or "unknown")
+    if isinstance(result, Admitted):
+        ex.key_id, ex.decision = result
+        return None
+    ex.rejected = result.reason
+    if result.reason == "rate":
+        ex.key_id, ex.decision = result.key_id, result.decision
+        log.info("rate limited: key_id=%s request_id=%s", result.key_id, ex.request_id)
+    elif result.code == "expired_api_key":
+        log.info("expired key used: key_id=%s request_id=%s", result.key_id, ex.request_id)
+    return error_response(result.status, result.message, result.code, headers=result.headers)
 
 
 @web.middleware
 async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """One middleware, in data-flow order: request id -> limits -> CORS preflight -> auth and rate limit -> route;
-    then the request is counted, measured and logged.
+    """One middleware, in data-flow order: the request's Exchange -> limits -> drain -> CORS preflight -> auth and
+    rate limit -> route; then the request is recorded (gateway.pipeline.Pipeline.record, as in the fast lane).
 
     (One layer rather than several: each layer is a coroutine frame on every request of the hot path.)
     """
     app = request.app
     settings = app[SETTINGS]
-    request[STARTED] = started = time.monotonic()
-    request[REQUEST_ID] = app[REQUEST_IDS](request.headers.get(REQUEST_ID_HEADER))
+    ex = request[EXCHANGE] = Exchange(time.monotonic(), request.method, request.path,
+                                      app[REQUEST_IDS](request.headers.get(REQUEST_ID_HEADER)))
     refused = check_limits(request, settings)
     if refused is None and app[DRAIN].draining and request.path not in PROBES:
         refused = error_response(503, "the server is shutting down; retry on another instance", "shutting_down",
@@ -176,10 +153,8 @@ async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamR
         refused = app[CORS].preflight(request)
     if refused is None:
         refused = authorize(request, settings)
-    counted = request.path.startswith("/v1/")
-    stats = app[STATS]
-    if counted:
-        stats.begin()
+    pipeline = app[PIPELINE]
+    pipeline.begin(ex)
     status = 500
     try:
         if refused is not None:
@@ -195,10 +170,10 @@ async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamR
                 status = CLIENT_CLOSED  # the client left before its answer (a stream counts with its own status)
                 raise
             except Exception:
-                if SENT_STATUS in request:  # a stream already under way: aiohttp can only drop the connection
+                if ex.status:  # a stream already under way: aiohttp can only drop the connection
                     raise
                 log.exception("unexpected error on %s %s (request_id=%s)", request.method, request.path,
-                              request[REQUEST_ID])
+                              ex.request_id)
                 response = error_response(500, "internal error in the gateway; see its log", "internal_error")
         status = response.status
         if not response.prepared:  # streams were decorated by the proxy before their headers went out
@@ -207,15 +182,7 @@ async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamR
     finally:
         # A handler cancelled after its answer started (the client left, or closed a finished stream early)
         # counts with the status it sent.
-        status = request.get(SENT_STATUS, status)
-        if counted:
-            stats.end(status)
-        _observe(request, status, time.monotonic() - started)
-
-
-def _observe(request: web.Request, status: int, duration: float) -> None:
-    request.app[OBSERVER].record(request.path, request.method, status, request.get(KEY_ID), duration,
-                                 request[REQUEST_ID], request.get(REJECTED), request.get(TTFT), request.get(ANSWER))
+        pipeline.record(ex, ex.status or status)
 
 
 async def reload_keys(request: web.Request) -> web.Response:
@@ -295,6 +262,13 @@ async def _observer_ctx(app: web.Application) -> AsyncIterator[None]:
     observer.flush()
 
 
+async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Once the upstream client and the observer exist: the exchange pipeline both lanes use."""
+    app[PIPELINE] = Pipeline(app[SETTINGS], app[BACKEND], app[UPSTREAM], app[ADMISSION], app[METRICS], app[STATS],
+                             app[OBSERVER])
+    yield
+
+
 def create_app(
     settings: Settings, backend: Supervisor, drain: Drain | None = None, registry: CollectorRegistry | None = None
 ) -> web.Application:
@@ -333,7 +307,9 @@ def create_app(
     if settings.access_log:
         app.cleanup_ctx.append(_access_log_ctx)
     app.cleanup_ctx.append(_observer_ctx)
+    app.cleanup_ctx.append(_pipeline_ctx)
     health.add_routes(app)
+    scrape.add_routes(app)
     proxy.add_routes(app, settings.passthrough_routes)
     app.router.add_post("/reload", reload_keys)
     return app

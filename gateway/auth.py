@@ -14,8 +14,11 @@ import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 from gateway.keyfile import KeyEntry, digest, parse_keys, read_text
+from gateway.ratelimit import Decision, SlidingWindow
+from lifecycle.settings import Settings
 
 log = logging.getLogger("gateway.auth")
 
@@ -154,11 +157,71 @@ class KeyStore:
             await self.reload()
 
 
-def caller_key(ring: KeyRing, header: str) -> KeyEntry | None:
-    """The entry of a known, unexpired key sent in an Authorization header value; None for anything else.
-    (gateway.app.authorize also tells apart why a key is refused, for its error messages.)"""
+class Admitted(NamedTuple):
+    """The caller may go on: its key id (`anonymous` with AUTH_ENABLED=false) and its rate-limit decision (None
+    with AUTH_ENABLED=false), for the X-RateLimit-* headers."""
+
+    key_id: str
+    decision: Decision | None
+
+
+class Refused(NamedTuple):
+    """The exact refusal to give: status, OpenAI error message and code, extra headers, the rejection reason for
+    the metrics, and the key id when one was known (a rate-limited or expired key)."""
+
+    status: int
+    message: str
+    code: str
+    reason: str  # gateway.metrics.REJECTION_REASONS
+    headers: dict[str, str] | None = None
+    key_id: str | None = None
+    decision: Decision | None = None
+
+
+def verdict(
+    ring: KeyRing, failures: SlidingWindow, limiter: SlidingWindow, settings: Settings, header: str, client: str,
+    *, consume: bool = True, now: datetime | None = None,
+) -> Admitted | Refused:
+    """Who is calling and whether they may: the one auth and rate-limit rule of both lanes.
+
+    `header` is the Authorization header's value, `client` the caller's address. With consume=True (the default),
+    a bad key counts against `client` in `failures`, and an admitted request uses up a place in its key's rate
+    limit; consume=False only looks (the fast lane's first look, before it parses the body)."""
+    if not settings.auth_enabled:
+        return Admitted("anonymous", None)
+    blocked = failures.check(client, settings.auth_failure_limit, consume=False)
+    if not blocked.allowed:
+        return Refused(429, "too many failed API keys from this address; retry later", "too_many_auth_failures",
+                       "auth", {"Retry-After": str(blocked.retry_after)})
+    entry = identify(ring, header, now)
+    if isinstance(entry, Refused):
+        if consume:
+            failures.add(client)
+        return entry
+    limit = entry.rate_limit or settings.max_requests_per_minute
+    decision = limiter.check(entry.key_id, limit, consume=consume)
+    if not decision.allowed:
+        return Refused(429, f"rate limit of {limit} requests per minute exceeded", "rate_limit_exceeded", "rate",
+                       key_id=entry.key_id, decision=decision)
+    return Admitted(entry.key_id, decision)
+
+
+def identify(ring: KeyRing, header: str, now: datetime | None = None) -> KeyEntry | Refused:
+    """The entry of the known, unexpired key in an Authorization header value, or why there is none."""
     token = bearer_token(header)
     entry = ring.match(token) if token else None
-    if entry is None or (entry.expires is not None and entry.expired(utcnow())):
-        return None
+    if not ring:
+        return Refused(401, "authentication is enabled but no API keys are configured", "no_api_keys", "auth")
+    if not token:
+        return Refused(401, "missing API key: send Authorization: Bearer <key>", "missing_api_key", "auth")
+    if entry is None:
+        return Refused(401, "invalid API key", "invalid_api_key", "auth")
+    if entry.expired(now or utcnow()):
+        return Refused(401, "this API key has expired", "expired_api_key", "auth", key_id=entry.key_id)
     return entry
+
+
+def caller_key(ring: KeyRing, header: str) -> KeyEntry | None:
+    """The entry of a known, unexpired key sent in an Authorization header value; None for anything else."""
+    entry = identify(ring, header)
+    return None if isinstance(entry, Refused) else entry

@@ -1,31 +1,29 @@
 """The headers the gateway adds to every answer it gives: X-Request-ID, CORS, and the caller's rate-limit state.
 
 Called once per answer just before its headers go out: by the gate middleware for answers returned to it, and by
-the proxy for streams, which send their headers from inside the handler. (An `on_response_prepare` signal would do
-the same for every answer but costs a coroutine and a signal dispatch per request on the hot path.)
+gateway.proxy's wire for streams, which send their headers from inside the handler. (An `on_response_prepare`
+signal would do the same for every answer but costs a coroutine and a signal dispatch per request on the hot path.)
+The fast lane writes the same headers itself (gateway.fastlane), as the parity tests check.
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.appkeys import CORS, RATE, REQUEST_ID, SENT_STATUS
-from gateway.ratelimit import Decision
 from gateway.requestid import HEADER as REQUEST_ID_HEADER
+from gateway.state import CORS, EXCHANGE
 
 
 def decorate(request: web.Request, response: web.StreamResponse) -> None:
-    request[SENT_STATUS] = response.status
+    ex = request[EXCHANGE]
+    ex.status = response.status
     headers = response.headers
-    rid = request.get(REQUEST_ID)
-    if rid is not None:
-        headers[REQUEST_ID_HEADER] = rid
+    headers[REQUEST_ID_HEADER] = ex.request_id
     cors = request.app[CORS]
     if cors.enabled:
         cors.decorate(request, response)
-    decision: Decision | None = request.get(RATE)
-    if decision is not None:
-        decision.apply(headers)
+    if ex.decision is not None:
+        ex.decision.apply(headers)
     close_after_chunked(request, response)
 
 

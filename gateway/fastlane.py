@@ -30,6 +30,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Mapping
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import NamedTuple
@@ -38,40 +39,13 @@ import httptools
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
-from gateway.admission import QueueFull, QueueTimeout
-from gateway.appkeys import (
-    ADMISSION,
-    BACKEND,
-    CONNECTIONS,
-    DRAIN,
-    FAILURES,
-    KEYS,
-    LIMITER,
-    LIMITS,
-    METRICS,
-    OBSERVER,
-    REQUEST_IDS,
-    SETTINGS,
-    STATS,
-)
-from gateway.auth import caller_key
+from gateway.auth import Admitted, verdict
 from gateway.connections import GatewayServer, WriteStall
 from gateway.errors import CLIENT_CLOSED, error_body
-from gateway.metrics import StreamTail
-from gateway.observe import JSON, SSE, Answer
-from gateway.proxy import (
-    GET_ROUTES,
-    JSON_ROUTES,
-    SSE_HEADERS,
-    Refusal,
-    fetch,
-    open_events,
-    queue_refusal,
-    relay,
-)
-from gateway.ratelimit import Decision
+from gateway.pipeline import SSE_HEADERS, Exchange
+from gateway.routes import GET_ROUTES, JSON_ROUTES
+from gateway.state import BACKEND, CONNECTIONS, DRAIN, FAILURES, KEYS, LIMITER, LIMITS, PIPELINE, REQUEST_IDS, SETTINGS
 from lifecycle.request_rules import RequestRejected, admit_body
-from lifecycle.upstream import Reply, Stream
 
 log = logging.getLogger("gateway.fastlane")
 
@@ -81,18 +55,81 @@ _PAUSE_AT = 1 << 20  # bytes of pipelined requests held while one is answered, b
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
-class Job(NamedTuple):
-    """A request the fast lane took."""
+class Candidate(NamedTuple):
+    """A request the fast lane may take, as decide() found it: what the later checks need."""
 
-    started: float  # time.monotonic() when its bytes were looked at
     method: str
     path: str
+    authorization: str  # the header's value ("" when absent)
+    request_id: str | None  # the X-Request-ID header's value
     body: bytes | None  # None for GET
-    stream: bool  # "stream": true
-    request_id: str
-    key_id: str
-    decision: Decision | None  # the rate limit's, for its headers (None with AUTH_ENABLED=false)
-    slots: int  # backend slots it holds (lifecycle.request_rules.slots_needed)
+
+
+class LaneLimits(NamedTuple):
+    """What decide() compares a request with."""
+
+    post_routes: dict[bytes, str]
+    get_routes: dict[bytes, str]
+    max_headers: int
+    max_line: int
+    max_body: int
+
+
+def decide(
+    limits: LaneLimits, version: str, keep_alive: bool, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]],
+    body: list[bytes], open_for_traffic: bool,
+) -> Candidate | str:
+    """Take or hand over: the Candidate when the request is the fast lane's to take, else why not (a few words).
+
+    Pure: it reads only its arguments. The checks that use something up (the rate limit) and the body's rules
+    come after it (FastConnection._admit), through the functions aiohttp's lane calls too."""
+    if version != "1.1" or not keep_alive:
+        return "not HTTP/1.1 keep-alive"
+    routes = limits.post_routes if method == b"POST" else limits.get_routes if method == b"GET" else None
+    path = None if routes is None else routes.get(url)
+    if path is None:
+        return "not a fast-lane route"
+    if not open_for_traffic:
+        return "backend not ready or draining"
+    if len(headers) > limits.max_headers:
+        return "too many headers"
+    token = request_id = length = None
+    hosts = 0
+    for name, value in headers:
+        if len(name) + len(value) + 2 > limits.max_line:
+            return "header line too long"
+        lowered = name.lower()
+        if lowered == b"authorization":
+            if token is not None:
+                return "Authorization twice"  # aiohttp's lane decides which one counts
+            token = value
+        elif lowered == b"x-request-id":
+            if request_id is not None:
+                return "X-Request-ID twice"
+            request_id = value
+        elif lowered == b"content-length":
+            if length is not None:
+                return "Content-Length twice"
+            length = value
+        elif lowered == b"host":
+            hosts += 1
+        elif lowered in _HAND_OVER:
+            return f"{lowered.decode('latin-1')} header"
+    if hosts != 1:
+        return "not exactly one Host"  # HTTP/1.1 needs exactly one: aiohttp's lane refuses the rest
+    try:
+        auth = token.decode("ascii") if token else ""
+        rid = request_id.decode("ascii") if request_id else None
+    except UnicodeDecodeError:
+        return "a header that is not ASCII"
+    if method == b"POST":
+        raw = b"".join(body)
+        if length is None or len(raw) > limits.max_body:
+            return "no Content-Length, or a body over MAX_REQUEST_BODY_SIZE"
+        return Candidate("POST", path, auth, rid, raw)
+    if body:
+        return "a GET with a body"
+    return Candidate("GET", path, auth, rid, None)
 
 
 class FastLane:
@@ -104,14 +141,13 @@ class FastLane:
         self.loop = loop
         self.app = app
         self.settings = settings = app[SETTINGS]
-        self.backend, self.drain, self.stats = app[BACKEND], app[DRAIN], app[STATS]
-        self.admission, self.metrics, self.observer = app[ADMISSION], app[METRICS], app[OBSERVER]
+        self.backend, self.drain, self.pipeline = app[BACKEND], app[DRAIN], app[PIPELINE]
+        self.stats = self.pipeline.stats
         self.keys, self.limiter, self.failures = app[KEYS], app[LIMITER], app[FAILURES]
-        self.request_ids, self.limits, self.open = app[REQUEST_IDS], app[LIMITS], app[CONNECTIONS]
-        self.post_routes = {path.encode(): path for path in JSON_ROUTES}
-        self.get_routes = {path.encode(): path for path in GET_ROUTES}
-        self.max_headers, self.max_line = settings.max_headers, settings.max_header_line_size
-        self.max_body = settings.max_request_body_size
+        self.request_ids, self.body_limits, self.open = app[REQUEST_IDS], app[LIMITS], app[CONNECTIONS]
+        self.limits = LaneLimits({path.encode(): path for path in JSON_ROUTES},
+                                 {path.encode(): path for path in GET_ROUTES}, settings.max_headers,
+                                 settings.max_header_line_size, settings.max_request_body_size)
         self.connections: set[FastConnection] = set()
         self._second = -1
         self._date = ""
@@ -150,10 +186,7 @@ class FastConnection(asyncio.Protocol):
         self.drained: asyncio.Future[None] | None = None  # a stream waiting for a slow client
         self.stall = WriteStall(lane.settings.client_timeout)
         self.counted = False  # in lane.open (MAX_CONNECTIONS) until it closes or is handed over
-        # the request being answered: the status whose headers went out, and what gateway.observe reads
-        self.sent = 0
-        self.answer: Answer | None = None
-        self.ttft: float | None = None
+        self.exchange: Exchange | None = None  # the request being answered (its state lives there)
         # the message being parsed
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -245,99 +278,45 @@ class FastConnection(asyncio.Protocol):
             self._hand_over(data)
             return
         try:
-            job = self._admit(started) if self._complete and self._messages == 1 else None
+            ex = self._admit(started) if self._complete and self._messages == 1 else None
         except Exception:  # a bug here must not cost the request: aiohttp's lane answers it
             log.exception("the fast lane failed to look at a request; handing it to aiohttp")
-            job = None
-        if job is None:
+            ex = None
+        if ex is None:
             self._hand_over(data)
             return
-        self.task = self.lane.loop.create_task(self._answer(job))
+        self.task = self.lane.loop.create_task(self._answer(ex))
 
-    def _admit(self, started: float) -> Job | None:
-        """The job when the fast lane takes the request, else None. Nothing is used up unless it returns a job.
+    def _admit(self, started: float) -> Exchange | None:
+        """The exchange when the fast lane takes the request, else None (hand it over). Nothing is used up unless
+        it returns one.
 
-        The cheap checks come first: framing and headers, then the key (before the body is parsed, so a caller
-        without a key costs no JSON parsing), then the body's rules (lifecycle.request_rules), and the rate limit
-        last, the only check that uses anything up."""
+        decide() first (framing, headers, route: pure), then the key (gateway.auth.verdict, only looking: a
+        caller without a key costs no JSON parsing), then the body's rules (lifecycle.request_rules), and the rate
+        limit last (verdict again, now using up a place), the one check that uses anything up. Every refusal is
+        aiohttp's lane's to give, so each has one implementation."""
         lane, parser = self.lane, self.parser
-        if parser.get_http_version() != "1.1" or not self._keep_alive:
+        candidate = decide(lane.limits, parser.get_http_version(), self._keep_alive, parser.get_method(), self._url,
+                           self._headers, self._body, lane.backend.ready and not lane.drain.draining)
+        if isinstance(candidate, str):
             return None
-        method = parser.get_method()
-        routes = lane.post_routes if method == b"POST" else lane.get_routes if method == b"GET" else None
-        path = None if routes is None else routes.get(self._url)
-        if path is None or lane.drain.draining or not lane.backend.ready:
-            return None
-        headers = self._headers
-        if len(headers) > lane.max_headers:
-            return None
-        token = request_id = length = None
-        hosts = 0
-        for name, value in headers:
-            if len(name) + len(value) + 2 > lane.max_line:
-                return None
-            lowered = name.lower()
-            if lowered == b"authorization":
-                if token is not None:
-                    return None  # said twice: aiohttp's lane decides which one counts
-                token = value
-            elif lowered == b"x-request-id":
-                if request_id is not None:
-                    return None
-                request_id = value
-            elif lowered == b"content-length":
-                if length is not None:
-                    return None
-                length = value
-            elif lowered == b"host":
-                hosts += 1
-            elif lowered in _HAND_OVER:
-                return None
-        if hosts != 1:
-            return None  # HTTP/1.1 needs exactly one Host: aiohttp's lane refuses the rest
-        try:
-            auth = token.decode("ascii") if token else ""
-            rid = request_id.decode("ascii") if request_id else None
-        except UnicodeDecodeError:
-            return None
-        key = self._key(auth)
-        if key is None:
+        keys, settings = lane.keys.ring, lane.settings
+        if not isinstance(verdict(keys, lane.failures, lane.limiter, settings, candidate.authorization, self.client,
+                                  consume=False), Admitted):
             return None
         body: bytes | None = None
         stream, slots = False, 1
-        if method == b"POST":
-            raw = b"".join(self._body)
-            if length is None or len(raw) > lane.max_body:
-                return None
+        if candidate.body is not None:
             try:
-                parsed, body, slots = admit_body(raw, lane.limits)
+                parsed, body, slots = admit_body(candidate.body, lane.body_limits)
             except RequestRejected:
                 return None  # aiohttp's lane gives the 400
             stream = parsed.get("stream") is True
-        elif self._body:
+        admitted = verdict(keys, lane.failures, lane.limiter, settings, candidate.authorization, self.client)
+        if not isinstance(admitted, Admitted):
             return None
-        key_id, limit = key
-        decision: Decision | None = None
-        if key_id is not None and limit is not None:
-            decision = lane.limiter.check(key_id, limit)
-            if not decision.allowed:
-                return None
-        return Job(started, method.decode(), path, body, stream, lane.request_ids(rid), key_id or "anonymous",
-                   decision, slots)
-
-    def _key(self, header: str) -> tuple[str | None, int | None] | None:
-        """(key id, its requests-per-minute limit) for a known, unexpired key; (None, None) with auth off; None to
-        hand the request over. Uses nothing up."""
-        lane = self.lane
-        settings = lane.settings
-        if not settings.auth_enabled:
-            return None, None
-        if not lane.failures.check(self.client, settings.auth_failure_limit, consume=False).allowed:
-            return None
-        entry = caller_key(lane.keys.ring, header)
-        if entry is None:
-            return None
-        return entry.key_id, entry.rate_limit or settings.max_requests_per_minute
+        return Exchange(started, candidate.method, candidate.path, lane.request_ids(candidate.request_id),
+                        admitted.key_id, admitted.decision, body, stream, slots)
 
     def _hand_over(self, data: bytes) -> None:
         """From now on aiohttp's server owns this connection; `data` is everything since the request began."""
@@ -364,104 +343,46 @@ class FastConnection(asyncio.Protocol):
 
     # --- answering ----------------------------------------------------------------------------------------
 
-    async def _answer(self, job: Job) -> None:
-        lane = self.lane
-        stats = lane.stats
-        self.sent = 0
-        status, rejected, self.answer, self.ttft = 500, None, None, None
-        stats.begin()
-        stats.fast_lane += 1
+    async def _answer(self, ex: Exchange) -> None:
+        pipeline = self.lane.pipeline
+        self.exchange = ex
+        status = 500
+        pipeline.begin(ex)
+        pipeline.stats.fast_lane += 1
         try:
-            if job.body is None:
-                reply: Reply | Refusal | None = await fetch(lane.app, job.method, job.path, None,
-                                                            {"X-Request-ID": job.request_id}, job.request_id)
-            else:
-                admission = lane.admission
-                try:
-                    waited = await admission.acquire(job.slots)
-                except (QueueFull, QueueTimeout) as exc:
-                    reply, rejected = queue_refusal(lane.app, exc)
-                else:
-                    lane.metrics.observe_queue_wait(waited)
-                    headers = {"Content-Type": "application/json", "X-Request-ID": job.request_id}
-                    try:
-                        if job.stream:
-                            reply = await self._stream(job, headers)
-                        else:
-                            reply = await fetch(lane.app, job.method, job.path, job.body, headers, job.request_id)
-                    finally:
-                        admission.release(job.slots)
-            if isinstance(reply, Refusal):
-                self._send(reply.status, "application/json", error_body(reply.status, reply.message, reply.code),
-                           job, reply.headers)
-            elif reply is not None:
-                if reply.status == 200 and job.body is not None:
-                    self.answer = Answer(JSON, reply.body)  # its tokens are counted in the batch (gateway.observe)
-                self._send(reply.status, reply.content_type or "application/json", reply.body, job, None)
-            status = self.sent
+            await pipeline.run(ex, self)
+            status = ex.status
         except asyncio.CancelledError:
             status = CLIENT_CLOSED  # the client left before its answer (a stream counts with its own status)
             raise
         except Exception:
-            log.exception("unexpected error on %s %s (request_id=%s)", job.method, job.path, job.request_id)
-            if self.sent:  # a stream under way: all that can be done is to drop the connection, as aiohttp does
+            log.exception("unexpected error on %s %s (request_id=%s)", ex.method, ex.path, ex.request_id)
+            if ex.status:  # a stream under way: all that can be done is to drop the connection, as aiohttp does
                 if self.transport is not None:
                     self.transport.close()
             else:
-                self._send(500, "application/json",
-                           error_body(500, "internal error in the gateway; see its log", "internal_error"), job, None)
+                self.send(500, "application/json",
+                          error_body(500, "internal error in the gateway; see its log", "internal_error"), None)
         finally:
-            status = self.sent or status  # cancelled once the answer started: it counts with the status it sent
-            stats.end(status)
-            lane.observer.record(job.path, job.method, status, job.key_id, time.monotonic() - job.started,
-                                 job.request_id, rejected, self.ttft, self.answer)
+            pipeline.record(ex, ex.status or status)  # cancelled once the answer started: the status it sent
             self.task = None
+            self.exchange = None
         if not self.write_paused:
             self._next()
 
-    async def _stream(self, job: Job, headers: dict[str, str]) -> Reply | Refusal | None:
-        """Pass an event stream on as chunked transfer encoding; None once it was sent."""
-        assert job.body is not None
-        opened = await open_events(self.lane.app, job.path, job.body, headers, job.request_id)
-        if not isinstance(opened, Stream):
-            return opened
-        async with opened:
-            self._write(self._head(opened.status, SSE_HEADERS, job, None) + b"Transfer-Encoding: chunked\r\n\r\n")
-            self.sent = opened.status
-            tail = StreamTail()  # the last few KB, where llama-server puts usage and timings
-            try:
-                client_left = await relay(opened, self._write_chunk, tail, job.path, job.request_id)
-            finally:
-                self.answer = Answer(SSE, bytes(tail))
-                if tail.first_at is not None:
-                    self.ttft = tail.first_at - job.started
-                    self.lane.metrics.observe_ttft(job.path, self.ttft)
-            if not client_left:
-                self._write(b"0\r\n\r\n")
-        return None
+    # --- gateway.pipeline.Wire: writing the answer ----------------------------------------------------------
 
-    def _head(self, status: int, headers: dict[str, str], job: Job, extra: dict[str, str] | None) -> bytes:
-        """Status line and headers, without the blank line; the same headers as aiohttp's lane gives."""
-        head = f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n" + "".join(
-            f"{name}: {value}\r\n" for name, value in headers.items())
-        head += f"Date: {self.lane.date()}\r\nServer: {SERVER_SOFTWARE}\r\nX-Request-ID: {job.request_id}\r\n"
-        if job.decision is not None or extra:
-            more: dict[str, str] = dict(extra) if extra else {}
-            if job.decision is not None:
-                job.decision.apply(more)
-            head += "".join(f"{name}: {value}\r\n" for name, value in more.items())
-        return head.encode("latin-1")
-
-    def _send(self, status: int, content_type: str, body: bytes, job: Job, extra: dict[str, str] | None) -> None:
-        head = self._head(status, {"Content-Type": content_type, "Content-Length": str(len(body))}, job, extra)
+    def send(self, status: int, content_type: str, body: bytes, headers: Mapping[str, str] | None) -> None:
+        head = self._head(status, {"Content-Type": content_type, "Content-Length": str(len(body))}, headers)
         self._write(head + b"\r\n" + body)
-        self.sent = status
+        if self.exchange is not None:
+            self.exchange.status = status
 
-    def _write(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
+    async def open(self, status: int) -> None:
+        """The head of an event stream, in chunked transfer encoding."""
+        self._write(self._head(status, SSE_HEADERS, None) + b"Transfer-Encoding: chunked\r\n\r\n")
 
-    async def _write_chunk(self, chunk: bytes) -> None:
+    async def write(self, chunk: bytes) -> None:
         """One piece of a stream; waits while the client reads slower than the backend writes."""
         if self.transport is None:
             raise ConnectionResetError("the client left")
@@ -469,6 +390,27 @@ class FastConnection(asyncio.Protocol):
         if self.write_paused:
             self.drained = self.lane.loop.create_future()
             await self.drained  # resume_writing() ends the wait; connection_lost() cancels this task
+
+    async def close(self) -> None:
+        self._write(b"0\r\n\r\n")
+
+    def _head(self, status: int, headers: Mapping[str, str], extra: Mapping[str, str] | None) -> bytes:
+        """Status line and headers, without the blank line; the same headers as aiohttp's lane gives."""
+        ex = self.exchange
+        assert ex is not None
+        head = f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in headers.items())
+        head += f"Date: {self.lane.date()}\r\nServer: {SERVER_SOFTWARE}\r\nX-Request-ID: {ex.request_id}\r\n"
+        if ex.decision is not None or extra:
+            more: dict[str, str] = dict(extra) if extra else {}
+            if ex.decision is not None:
+                ex.decision.apply(more)
+            head += "".join(f"{name}: {value}\r\n" for name, value in more.items())
+        return head.encode("latin-1")
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
 
     def _next(self) -> None:
         """The answer is out: look at what came meanwhile, or wait for the next request."""

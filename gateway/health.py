@@ -1,24 +1,20 @@
-"""/ping, /health and /metrics on the main port, and the bare health server on PORT_HEALTH."""
+"""/ping and /health on the main port, and the bare health server on PORT_HEALTH (/metrics: gateway.scrape)."""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.appkeys import ADMISSION, BACKEND, DRAIN, KEYS, METRICS, OBSERVER, SETTINGS, STATS, UPSTREAM
 from gateway.auth import caller_key
-from gateway.metrics import negotiate, relabel_backend_metrics
+from gateway.drain import Drain
 from gateway.requestid import HEADER as REQUEST_ID_HEADER
 from gateway.requestid import RequestIds
-from gateway.stats import Drain
-from lifecycle.upstream import UpstreamError
+from gateway.state import ADMISSION, BACKEND, DRAIN, KEYS, SETTINGS
 
 log = logging.getLogger("gateway.health")
-BACKEND_SCRAPE_TIMEOUT = 2.0
 
 
 async def ping(_request: web.Request) -> web.Response:
@@ -65,43 +61,9 @@ def may_see_backend_log(request: web.Request) -> bool:
                                                              request.headers.get("Authorization", "")) is not None
 
 
-async def metrics(request: web.Request) -> web.Response:
-    """JSON by default (the seed's field names); Prometheus text or OpenMetrics when the Accept header (or
-    ?format=prometheus|openmetrics) asks, with llama-server's own llamacpp:* series on the same scrape."""
-    app = request.app
-    backend, metrics = app[BACKEND], app[METRICS]
-    app[OBSERVER].flush()  # every request answered so far is in what this scrape shows
-    accept = request.headers.get("Accept")
-    fmt = negotiate(accept, request.query.get("format"))
-    if fmt == "json":
-        data = app[STATS].snapshot()
-        data["queue_depth"] = app[ADMISSION].depth
-        data["backend_ready"] = int(backend.ready)
-        data["backend_restarts"] = backend.restarts
-        return web.json_response(metrics.json_snapshot(data))
-    # Both gauges are read off the admission gate at scrape time rather than kept up to date per request.
-    metrics.set_queue_depth(app[ADMISSION].depth)
-    metrics.set_in_flight(app[ADMISSION].active)
-    backend_text = await _backend_metrics(request) if backend.ready else ""
-    body, content_type = await asyncio.to_thread(metrics.render, accept, backend_text, fmt == "openmetrics")
-    return web.Response(body=body, headers={"Content-Type": content_type})
-
-
-async def _backend_metrics(request: web.Request) -> str:
-    try:
-        reply = await request.app[UPSTREAM].fetch("GET", "/metrics", timeout=BACKEND_SCRAPE_TIMEOUT)
-    except UpstreamError as exc:
-        log.warning("llama-server /metrics failed: %s", exc)
-        return ""
-    if reply.status != 200:
-        return ""
-    return relabel_backend_metrics(reply.body.decode("utf-8", "replace"))
-
-
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/ping", ping)
     app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
 
 
 HEALTH_DRAIN = web.AppKey("drain", Drain)

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from gateway.accesslog import AccessLog, AccessRecord
-from gateway.metrics import Metrics, Usage, usage_from_json, usage_from_sse
+from gateway.metrics import Metrics
+from gateway.usage import Usage, usage_from_json, usage_from_sse
 
 log = logging.getLogger("gateway.observe")
 

@@ -1,121 +1,60 @@
-"""OpenAI routes passed through to llama-server: bodies forwarded as received, streams as they arrive."""
+"""aiohttp's lane: the routes passed through to llama-server, as a wire adapter around gateway.pipeline.
+
+The gate middleware (gateway.app) has already made the request's Exchange, checked its limits and its key; these
+handlers read the body, check it (lifecycle.request_rules), and hand the exchange to the pipeline with a Wire that
+builds aiohttp responses.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable
-from typing import NamedTuple
+from collections.abc import Mapping
 
 from aiohttp import web
 
-from gateway.admission import QueueFull, QueueTimeout
-from gateway.appkeys import (
-    ADMISSION,
-    ANSWER,
-    BACKEND,
-    LIMITS,
-    METRICS,
-    REJECTED,
-    REQUEST_ID,
-    SETTINGS,
-    STARTED,
-    STATS,
-    TTFT,
-    UPSTREAM,
-)
 from gateway.decorate import decorate
-from gateway.errors import error_response, sse_error_event
-from gateway.metrics import StreamTail
-from gateway.observe import JSON, SSE, Answer
+from gateway.errors import error_response
+from gateway.pipeline import SSE_HEADERS, unavailable
+from gateway.routes import GET_ROUTES, JSON_ROUTES
+from gateway.state import EXCHANGE, LIMITS, PIPELINE, SETTINGS
 from lifecycle.request_rules import RequestRejected, admit_body
 from lifecycle.settings import passthrough_methods
-from lifecycle.upstream import (
-    Reply,
-    Stream,
-    UpstreamConnectError,
-    UpstreamDisconnected,
-    UpstreamError,
-    UpstreamTimeout,
-    UpstreamTooLarge,
-)
 
 log = logging.getLogger("gateway.proxy")
 
-JSON_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-GET_ROUTES = ("/v1/models",)
-RETRY_AFTER_LOADING = "5"
-JSON_HEADERS = {"Content-Type": "application/json"}
 
-# Response headers we set ourselves; llama-server's CORS headers never reach the client.
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
+class AiohttpWire:
+    """gateway.pipeline.Wire for aiohttp: a whole answer becomes the handler's web.Response (the gate middleware
+    decorates it); a stream is a StreamResponse decorated and prepared here."""
 
+    __slots__ = ("request", "response")
 
-def _unavailable(request: web.Request) -> web.Response | None:
-    backend = request.app[BACKEND]
-    if backend.ready:
-        return None
-    return error_response(
-        503, f"the model backend is {backend.state.value}; retry shortly", "backend_unavailable",
-        headers={"Retry-After": RETRY_AFTER_LOADING},
-    )
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
 
+    def send(self, status: int, content_type: str, body: bytes, headers: Mapping[str, str] | None) -> None:
+        self.response = web.Response(status=status, body=body, headers={"Content-Type": content_type,
+                                                                          **(headers or {})})
 
-class Refusal(NamedTuple):
-    """An error the gateway answers itself; both lanes (aiohttp's and gateway.fastlane) render it."""
+    async def open(self, status: int) -> None:
+        out = web.StreamResponse(status=status, headers=SSE_HEADERS)
+        decorate(self.request, out)
+        await out.prepare(self.request)
+        self.response = out
 
-    status: int
-    message: str
-    code: str | None = None
-    headers: dict[str, str] | None = None
+    async def write(self, chunk: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(chunk)
 
-    def response(self) -> web.Response:
-        return error_response(self.status, self.message, self.code, self.headers)
+    async def close(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
 
-
-def queue_refusal(app: web.Application, exc: QueueFull | QueueTimeout) -> tuple[Refusal, str]:
-    """The 503 for a request that got no backend slot, and its rejection reason."""
-    app[STATS].queue_rejections += 1
-    retry_after = {"Retry-After": str(max(1, round(app[SETTINGS].queue_timeout / 4)))}
-    if isinstance(exc, QueueFull):
-        return Refusal(503, "the request queue is full; retry shortly", "queue_full", retry_after), "queue_full"
-    return (Refusal(503, "no backend slot became free in time; retry shortly", "queue_timeout", retry_after),
-            "queue_timeout")
-
-
-async def backend_failed(app: web.Application, method: str, path: str, request_id: str, exc: UpstreamError) -> Refusal:
-    """502, or 503 when the backend is restarting: nothing reached it (connect refused), or it died while the
-    request was on its way (dropped before any answer, and the llama-server process that is up now exits)."""
-    log.warning("backend request %s %s failed: %s (request_id=%s)", method, path, exc, request_id)
-    if isinstance(exc, UpstreamTooLarge):
-        return Refusal(502, f"the model backend's answer is larger than {exc.limit} bytes (MAX_RESPONSE_SIZE)",
-                       "backend_answer_too_large")
-    backend = app[BACKEND]
-    if isinstance(exc, UpstreamConnectError) or (
-        isinstance(exc, UpstreamDisconnected) and not exc.got_bytes and await backend.gone(backend.pid)
-    ):
-        return Refusal(503, "the model backend is restarting; retry shortly", "backend_unavailable",
-                       {"Retry-After": RETRY_AFTER_LOADING})
-    return Refusal(502, "the model backend did not answer", "backend_error")
-
-
-async def fetch(
-    app: web.Application, method: str, path: str, body: bytes | None, headers: dict[str, str] | None, request_id: str
-) -> Reply | Refusal:
-    """One whole answer from llama-server, or the error to give instead (502, 503, 504)."""
-    timeout = app[SETTINGS].request_timeout
-    try:
-        return await app[UPSTREAM].fetch(method, path, body=body, headers=headers, timeout=timeout)
-    except UpstreamTimeout:
-        log.warning("backend request %s %s timed out after %gs (request_id=%s)", method, path, timeout, request_id)
-        return Refusal(504, f"the model backend did not answer within {timeout:g}s (REQUEST_TIMEOUT)")
-    except UpstreamError as exc:
-        return await backend_failed(app, method, path, request_id, exc)
+    def answer(self) -> web.StreamResponse:
+        assert self.response is not None, "the pipeline gave no answer"
+        return self.response
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -131,144 +70,36 @@ async def read_body(request: web.Request) -> bytes:
 
 
 async def proxy_json(request: web.Request) -> web.StreamResponse:
-    if (refused := _unavailable(request)) is not None:
-        return refused
-    app = request.app
+    """POST to a JSON route: the body's rules, then the pipeline (queue, upstream, relay)."""
+    app, ex = request.app, request[EXCHANGE]
     try:
-        parsed, body, slots = admit_body(await read_body(request), app[LIMITS])
+        parsed, ex.body, ex.slots = admit_body(await read_body(request), app[LIMITS])
     except RequestRejected as exc:
-        request[REJECTED] = "invalid"
+        ex.rejected = "invalid"
         return error_response(400, str(exc), exc.code, param=exc.param)
-    # Only now, with the whole body in hand and checked, does the request wait for its backend slots.
-    admission, metrics = app[ADMISSION], app[METRICS]
-    try:
-        waited = await admission.acquire(slots)
-    except (QueueFull, QueueTimeout) as exc:
-        refusal, request[REJECTED] = queue_refusal(app, exc)
-        return refusal.response()
-    metrics.observe_queue_wait(waited)
-    headers = {**JSON_HEADERS, "X-Request-ID": request[REQUEST_ID]}
-    try:
-        if parsed.get("stream") is True:
-            return await _stream(request, body, headers)
-        response = await _fetch(request, "POST", body, headers)
-        if response.status == 200 and isinstance(response.body, bytes):
-            request[ANSWER] = Answer(JSON, response.body)  # its tokens are counted in the batch (gateway.observe)
-        return response
-    finally:
-        admission.release(slots)
+    ex.stream = parsed.get("stream") is True
+    wire = AiohttpWire(request)
+    await app[PIPELINE].run(ex, wire)
+    return wire.answer()
 
 
 async def proxy_get(request: web.Request) -> web.StreamResponse:
-    if (refused := _unavailable(request)) is not None:
-        return refused
-    return await _fetch(request, "GET", None, {"X-Request-ID": request[REQUEST_ID]})
-
-
-async def _fetch(
-    request: web.Request, method: str, body: bytes | None, headers: dict[str, str] | None
-) -> web.Response:
-    reply = await fetch(request.app, method, request.path, body, headers, request[REQUEST_ID])
-    if isinstance(reply, Refusal):
-        return reply.response()
-    return web.Response(status=reply.status, body=reply.body,
-                        headers={"Content-Type": reply.content_type or "application/json"})
-
-
-async def open_events(
-    app: web.Application, path: str, body: bytes, headers: dict[str, str], request_id: str
-) -> Stream | Reply | Refusal:
-    """Start a streamed answer (both lanes): the event stream, to be closed by the caller; or llama-server's whole
-    answer when it refused before streaming (e.g. a prompt over the context); or the error to give instead."""
-    try:
-        resp = await app[UPSTREAM].open_stream("POST", path, body=body, headers=headers)
-    except UpstreamTimeout:
-        log.warning("backend stream %s did not start within STREAM_IDLE_TIMEOUT (request_id=%s)", path, request_id)
-        return Refusal(504, "the model backend did not start answering in time (STREAM_IDLE_TIMEOUT)")
-    except UpstreamError as exc:
-        return await backend_failed(app, "POST", path, request_id, exc)
-    if resp.content_type.startswith("text/event-stream"):
-        return resp
-    async with resp:
-        try:
-            return Reply(resp.status, resp.content_type, await resp.read_all(app[SETTINGS].max_response_size))
-        except UpstreamError as exc:
-            return await backend_failed(app, "POST", path, request_id, exc)
-
-
-async def _stream(request: web.Request, body: bytes, headers: dict[str, str]) -> web.StreamResponse:
-    opened = await open_events(request.app, request.path, body, headers, request[REQUEST_ID])
-    if isinstance(opened, Refusal):
-        return opened.response()
-    if isinstance(opened, Reply):
-        return web.Response(status=opened.status, body=opened.body,
-                            headers={"Content-Type": opened.content_type or "application/json"})
-    async with opened:
-        return await _pass_events(request, opened)
-
-
-async def _pass_events(request: web.Request, resp: Stream) -> web.StreamResponse:
-    out = web.StreamResponse(status=resp.status, headers=SSE_HEADERS)
-    decorate(request, out)
-    await out.prepare(request)
-    tail = StreamTail()  # the last few KB, where llama-server puts usage and timings
-    try:
-        client_left = await relay(resp, out.write, tail, request.path, request[REQUEST_ID])
-    finally:
-        # Also when cancelled: a client that closes as soon as it reads [DONE] cancels this handler.
-        request[ANSWER] = Answer(SSE, bytes(tail))
-        if tail.first_at is not None:
-            request[TTFT] = tail.first_at - request[STARTED]
-            request.app[METRICS].observe_ttft(request.path, request[TTFT])
-    if not client_left:
-        await out.write_eof()
-    return out
-
-
-async def relay(
-    resp: Stream, write: Callable[[bytes], Awaitable[None]], tail: StreamTail, path: str, request_id: str
-) -> bool:
-    """Pass the backend's events on as they arrive, through `write` (both lanes); True when the client left.
-
-    tail.first_at is when the first piece arrived (monotonic), for time-to-first-token."""
-    chunk = b"\n\n"
-    while True:
-        last = chunk
-        try:
-            chunk = await resp.read()
-        except UpstreamError as exc:
-            # The status line is long gone: the failure is reported inside the stream.
-            timed_out = isinstance(exc, UpstreamTimeout)
-            log.warning("backend stream %s: %s (request_id=%s)", "went idle" if timed_out else "broke off", exc,
-                        request_id)
-            message = ("the model backend sent nothing for too long (STREAM_IDLE_TIMEOUT)" if timed_out
-                       else "the model backend broke off the stream")
-            chunk, failed = sse_error_event(message, "backend_timeout" if timed_out else "backend_error"), True
-            if not last.endswith(b"\n\n"):
-                chunk = b"\n\n" + chunk  # end the backend's half-sent event first
-        else:
-            failed = False
-        if not chunk:
-            return False
-        if tail.first_at is None and not failed:
-            tail.first_at = time.monotonic()
-        tail.feed(chunk)
-        try:
-            await write(chunk)
-        except ConnectionError:
-            resp.close()  # the client left: drop the upstream request so llama-server stops generating
-            return True
-        if failed:
-            return False
+    wire = AiohttpWire(request)
+    await request.app[PIPELINE].run(request[EXCHANGE], wire)
+    return wire.answer()
 
 
 async def proxy_passthrough(request: web.Request) -> web.StreamResponse:
     """A llama-server route opened with PASSTHROUGH_ROUTES (e.g. /props, /slots, /tokenize): whole answers only."""
-    if (refused := _unavailable(request)) is not None:
-        return refused
+    pipeline, ex = request.app[PIPELINE], request[EXCHANGE]
+    wire = AiohttpWire(request)
+    if not pipeline.backend.ready:
+        pipeline.refuse(ex, wire, unavailable(pipeline.backend.state.value))
+        return wire.answer()
     body = await read_body(request) if request.can_read_body else None
     headers = {"Content-Type": request.headers.get("Content-Type", "application/json")} if body else None
-    return await _fetch(request, request.method, body, headers)
+    pipeline.answer(ex, wire, await pipeline.whole(request.method, request.path, body, headers, ex.request_id))
+    return wire.answer()
 
 
 def add_routes(app: web.Application, passthrough: tuple[str, ...] = ()) -> None:

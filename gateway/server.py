@@ -19,11 +19,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.app import create_app
-from gateway.appkeys import CONNECTIONS, REQUEST_IDS, STATS
 from gateway.connections import Connections, adopt
+from gateway.drain import Drain
 from gateway.fastlane import FastLane
 from gateway.health import create_health_app
-from gateway.stats import Drain
+from gateway.state import CONNECTIONS, REQUEST_IDS, STATS
 from lifecycle.fetch import ProvisionError
 from lifecycle.llama_server import ensure_llama_server, server_version
 from lifecycle.model import resolve_model

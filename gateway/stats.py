@@ -7,13 +7,6 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class Drain:
-    """Set once SIGTERM/SIGINT arrives: /health and the health port turn not-ready, new requests get 503."""
-
-    draining: bool = False
-
-
-@dataclass
 class Stats:
     started: float = field(default_factory=time.monotonic)
     requests_total: int = 0

@@ -16,9 +16,9 @@ import pytest
 from gateway import auth
 from gateway import keys as cli
 from gateway.app import create_app, reload_keys
-from gateway.appkeys import KEYS
 from gateway.auth import KeyStore
 from gateway.keyfile import decode, digest, parse_keys, read_text
+from gateway.state import KEYS
 from lifecycle.settings import Settings
 from lifecycle.supervisor import Supervisor
 

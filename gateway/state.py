@@ -9,11 +9,13 @@ from gateway.admission import Admission
 from gateway.auth import KeyStore
 from gateway.connections import Connections
 from gateway.cors import Cors
+from gateway.drain import Drain
 from gateway.metrics import Metrics
-from gateway.observe import Answer, Observer
-from gateway.ratelimit import Decision, SlidingWindow
+from gateway.observe import Observer
+from gateway.pipeline import Exchange, Pipeline
+from gateway.ratelimit import SlidingWindow
 from gateway.requestid import RequestIds
-from gateway.stats import Drain, Stats
+from gateway.stats import Stats
 from lifecycle.request_rules import Limits
 from lifecycle.settings import Settings
 from lifecycle.supervisor import Supervisor
@@ -36,12 +38,7 @@ REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 CONNECTIONS = web.AppKey("connections", Connections)  # open client connections on PORT
 LIMITS = web.AppKey("limits", Limits)  # what lifecycle.request_rules checks request bodies against
 
-# Per-request values, set by the gate middleware and the proxy (typed keys: aiohttp warns about plain strings).
-KEY_ID = web.RequestKey("key_id", str)
-RATE = web.RequestKey("rate_decision", Decision)
-REQUEST_ID = web.RequestKey("request_id", str)
-STARTED = web.RequestKey("started", float)
-REJECTED = web.RequestKey("rejected", str)
-TTFT = web.RequestKey("ttft", float)
-ANSWER = web.RequestKey("answer", Answer)  # where the token usage is read from, in the batch
-SENT_STATUS = web.RequestKey("sent_status", int)  # the status whose headers went out (set by gateway.decorate)
+PIPELINE = web.AppKey("pipeline", Pipeline)  # made once the upstream client exists (gateway.app)
+
+# Per-request state: the request's Exchange, made by the gate middleware (typed: aiohttp warns about plain strings).
+EXCHANGE = web.RequestKey("exchange", Exchange)

@@ -1,0 +1,101 @@
+"""Token usage from llama-server's answers (gateway/usage.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.usage import TAIL_BYTES, StreamTail, Usage, usage_from_json, usage_from_sse
+
+CHUNK = ('data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":" you"}}],"created":1795609032,'
+         '"id":"chatcmpl-b","model":"smol","system_fingerprint":"b1-0c1e570","object":"chat.completion.chunk"}\n\n')
+TIMINGS = ('"timings":{"cache_n":30,"prompt_n":1,"prompt_ms":7.068,"prompt_per_token_ms":7.068,'
+           '"prompt_per_second":141.48,"predicted_n":8,"predicted_ms":48.141,"predicted_per_token_ms":6.87,'
+           '"predicted_per_second":145.40}')
+# The last events of streams as llama-server sends them: with stream_options.include_usage, and without.
+TAIL_WITH_USAGE = (
+    CHUNK
+    + 'data: {"choices":[{"finish_reason":"length","index":0,"delta":{}}],"created":1795609032,"id":"chatcmpl-b",'
+      '"model":"smol","system_fingerprint":"b1-0c1e570","object":"chat.completion.chunk"}\n\n'
+    + 'data: {"choices":[],"created":1795609032,"id":"chatcmpl-b","model":"smol","system_fingerprint":"b1-0c1e570",'
+      '"object":"chat.completion.chunk","usage":{"completion_tokens":8,"prompt_tokens":31,"total_tokens":39,'
+      '"prompt_tokens_details":{"cached_tokens":30}},' + TIMINGS + '}\n\n'
+    + "data: [DONE]\n\n"
+).encode()
+TAIL_TIMINGS_ONLY = (
+    CHUNK
+    + 'data: {"choices":[{"finish_reason":"length","index":0,"delta":{}}],"created":1795609032,"id":"chatcmpl-b",'
+      '"model":"smol","system_fingerprint":"b1-0c1e570","object":"chat.completion.chunk",' + TIMINGS + '}\n\n'
+    + "data: [DONE]\n\n"
+).encode()
+
+
+
+def test_usage_from_a_json_answer() -> None:
+    body = ('{"choices":[{"finish_reason":"length","index":0,"message":{"role":"assistant","content":"hi \\"usage\\":'
+            ' {\\"prompt_tokens\\": 999}"}}],"created":1795609032,"model":"smol","object":"chat.completion",'
+            '"usage":{"completion_tokens":8,"prompt_tokens":31,"total_tokens":39,'
+            '"prompt_tokens_details":{"cached_tokens":30}},"id":"chatcmpl-G6",' + TIMINGS + '}').encode()
+    usage = usage_from_json(body)
+    assert usage == Usage(31, 8, pytest.approx(0.048141))
+    assert usage is not None and usage[:2] == (31, 8)
+
+
+def test_usage_of_an_embedding_and_of_answers_without_usage() -> None:
+    body = b'{"data":[{"embedding":[0.1,0.2],"index":0,"object":"embedding"}],"model":"smol","object":"list",' \
+           b'"usage":{"prompt_tokens":3,"total_tokens":3}}'
+    assert usage_from_json(body) == Usage(3, 0, 0.0)
+    assert usage_from_json(b'{"object":"list","data":[{"id":"smol"}]}') is None
+    assert usage_from_json(b'{"error":{"code":400,"message":"bad"}}') is None
+    assert usage_from_json(b"") is None
+    assert usage_from_json(b"not json at all") is None
+    assert usage_from_json(b'{"usage": null}') is None
+
+
+def test_usage_of_a_large_answer_is_read_from_its_tail() -> None:
+    embedding = ",".join(["0.123456"] * 200_000)
+    body = ('{"data":[{"embedding":[' + embedding + ']}],"model":"smol","usage":{"prompt_tokens":7,'
+            '"total_tokens":7}}').encode()
+    assert usage_from_json(body) == Usage(7, 0, 0.0)
+
+
+def test_usage_from_a_stream_with_usage() -> None:
+    assert usage_from_sse(TAIL_WITH_USAGE) == Usage(31, 8, pytest.approx(0.048141))
+
+
+def test_usage_from_a_stream_with_only_timings() -> None:
+    # without include_usage the final chunk still has timings: prompt = evaluated + cached tokens
+    assert usage_from_sse(TAIL_TIMINGS_ONLY) == Usage(31, 8, pytest.approx(0.048141))
+
+
+def test_usage_from_a_stream_cut_off_or_without_any() -> None:
+    assert usage_from_sse(CHUNK.encode() * 3) is None
+    assert usage_from_sse(TAIL_WITH_USAGE[:-14]) == Usage(31, 8, pytest.approx(0.048141))  # [DONE] lost
+    # the final event broke off mid-way: a whole usage object still counts, a cut one does not
+    cut = TAIL_WITH_USAGE[: TAIL_WITH_USAGE.index(b'"predicted_ms"')]
+    assert usage_from_sse(cut) == Usage(31, 8, 0.0)
+    assert usage_from_sse(TAIL_WITH_USAGE[: TAIL_WITH_USAGE.index(b'"prompt_tokens"')]) is None
+    # a tail that starts in the middle of an event, even of a UTF-8 character (the gateway keeps the last bytes)
+    assert usage_from_sse(TAIL_WITH_USAGE[25:]) == Usage(31, 8, pytest.approx(0.048141))
+    assert usage_from_sse("\u00e9".encode()[1:] + TAIL_WITH_USAGE) == Usage(31, 8, pytest.approx(0.048141))
+
+
+def test_usage_from_a_text_completion_stream() -> None:
+    tail = ('data: {"choices":[{"text":"","index":0,"logprobs":null,"finish_reason":"length"}],"created":1795609032,'
+            '"model":"smol","object":"text_completion","usage":{"completion_tokens":8,"prompt_tokens":1,'
+            '"total_tokens":9,"prompt_tokens_details":{"cached_tokens":0}},"id":"cmpl-n0",' + TIMINGS + '}\n\n'
+            'data: [DONE]\n\n').encode()
+    assert usage_from_sse(tail) == Usage(1, 8, pytest.approx(0.048141))
+
+
+def test_stream_tail_keeps_the_last_bytes() -> None:
+    tail = StreamTail()
+    for _ in range(100):
+        tail.feed(CHUNK.encode())
+    tail.feed(TAIL_WITH_USAGE)
+    kept = bytes(tail)
+    assert len(kept) == TAIL_BYTES and TAIL_WITH_USAGE.endswith(kept[-len(TAIL_WITH_USAGE):])
+    assert len(tail.buffer) <= 2 * TAIL_BYTES
+    assert usage_from_sse(kept) == Usage(31, 8, pytest.approx(0.048141))
+    short = StreamTail()
+    short.feed(b"abc")
+    assert bytes(short) == b"abc"
