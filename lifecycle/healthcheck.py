@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 
 from lifecycle.platform import detect_mode
+from lifecycle.settings import SettingsError, read
 
 TIMEOUT = 3.0
 
@@ -26,7 +27,11 @@ def main() -> int:
         return 1
     if mode == "handler":
         return 0
-    port = os.environ.get("PORT_HEALTH", "").strip() or "8001"
+    try:
+        port = read("PORT_HEALTH")  # as the gateway reads it, default included
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=TIMEOUT) as resp:
             return 0 if resp.status == 200 else 1

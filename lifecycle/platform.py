@@ -24,11 +24,11 @@ def detect_data_dir(explicit: Path | None, probe_roots: Iterable[Path] | None = 
 
 def detect_mode(env: Mapping[str, str]) -> str:
     """`handler` on the RunPod serverless job queue, `gateway` everywhere else; MODE overrides."""
-    mode = (env.get("MODE") or "").strip().lower()
+    from lifecycle.settings import read  # lifecycle.settings imports this module for DATA_DIR detection
+
+    mode = read("MODE", env)  # the settings' own rule and message (SettingsError is a ValueError)
     if mode:
-        if mode not in ("gateway", "handler"):
-            raise ValueError(f"MODE={env['MODE']!r} is not allowed: use gateway or handler")
-        return mode
+        return str(mode).lower()
     return "handler" if env.get("RUNPOD_WEBHOOK_GET_JOB") else "gateway"
 
 
