@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import pytest
 
-from gateway.admission import Admission
 from handler.jobs import JobInputError, encode_body, parse_job_input
 from lifecycle.request_rules import (
     Limits,
@@ -130,37 +128,3 @@ def test_serverless_jobs_pass_the_same_rules() -> None:
         encode_body(call, LIMITS)
     call = parse_job_input({"prompt": "hi", "sampling_params": {"max_tokens": 8}}, 10_000)
     assert json.loads(encode_body(call, LIMITS) or b"")["max_tokens"] == 8
-
-
-def test_admission_weighs_a_request_by_its_slots() -> None:
-    async def scenario() -> None:
-        gate = Admission(capacity=4, timeout=5)
-        assert await gate.acquire(3) == 0.0
-        heavy = asyncio.create_task(gate.acquire(2))  # needs 2, only 1 free: waits
-        await asyncio.sleep(0.01)
-        light = asyncio.create_task(gate.acquire(1))  # would fit, but must not jump the queue
-        await asyncio.sleep(0.01)
-        assert not heavy.done() and not light.done() and gate.depth == 2
-        gate.release(3)
-        await asyncio.wait_for(asyncio.gather(heavy, light), 1)
-        assert gate.active == 3 and gate.depth == 0
-        assert not gate.saturated
-        await gate.acquire(1)
-        assert gate.saturated
-
-    asyncio.run(scenario())
-
-
-def test_a_heavy_waiter_that_leaves_lets_the_next_one_in() -> None:
-    async def scenario() -> None:
-        gate = Admission(capacity=2, timeout=5)
-        await gate.acquire(1)
-        heavy = asyncio.create_task(gate.acquire(2))
-        await asyncio.sleep(0.01)
-        light = asyncio.create_task(gate.acquire(1))
-        await asyncio.sleep(0.01)
-        heavy.cancel()
-        await asyncio.wait_for(light, 1)
-        assert gate.active == 2 and gate.depth == 0
-
-    asyncio.run(scenario())
