@@ -110,7 +110,7 @@ async def fetch(
     """One whole answer from llama-server, or the error to give instead (502, 503, 504)."""
     timeout = app[SETTINGS].request_timeout
     try:
-        return await app[UPSTREAM].fetch(method, path, body=body, headers=headers, timeout=timeout)
+        return await app[UPSTREAM].request(method, path, body=body, headers=headers, timeout=timeout)
     except UpstreamTimeout:
         log.warning("backend request %s %s timed out after %gs (request_id=%s)", method, path, timeout, request_id)
         return Refusal(504, f"the model backend did not answer within {timeout:g}s (REQUEST_TIMEOUT)")

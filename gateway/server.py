@@ -24,7 +24,7 @@ from gateway.connections import Connections, adopt
 from gateway.fastlane import FastLane
 from gateway.health import create_health_app
 from gateway.stats import Drain
-from lifecycle.fetch import ProvisionError
+from lifecycle.downloads import ProvisionError
 from lifecycle.llama_server import ensure_llama_server, server_version
 from lifecycle.model import resolve_model
 from lifecycle.settings import Settings

@@ -17,7 +17,7 @@ from types import FrameType
 
 from handler.worker import JobHandler, collect
 from lifecycle.background import BackgroundBackend
-from lifecycle.fetch import ProvisionError
+from lifecycle.downloads import ProvisionError
 from lifecycle.logs import setup_logging
 from lifecycle.settings import BAD_SETTINGS_EXIT, Settings, load_settings
 from lifecycle.supervisor import BackendStartError

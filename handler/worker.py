@@ -127,7 +127,7 @@ class JobHandler:
             pid = self.backend.pid
             try:
                 if not call.stream:
-                    answer: Reply | Stream = await upstream.fetch(
+                    answer: Reply | Stream = await upstream.request(
                         call.method, call.path, body=body, headers=headers)
                 else:
                     answer = await upstream.open_stream(call.method, call.path, body=body, headers=headers)

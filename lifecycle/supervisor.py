@@ -310,7 +310,7 @@ class Supervisor:
                             max_response_size=PROPS_MAX_SIZE)
         n_ctx_slot = total_slots = None
         try:
-            reply = await upstream.fetch("GET", "/props", timeout=PROBE_TIMEOUT)
+            reply = await upstream.request("GET", "/props", timeout=PROBE_TIMEOUT)
             if reply.status == 200:
                 n_ctx_slot, total_slots = offload.props_n_ctx(reply.body)
             else:
@@ -327,11 +327,11 @@ class Supervisor:
         """True: our llama-server is ready. None: nothing ready answers yet. False: whatever answers on PORT_BACKEND
         does not hold our key (it takes a wrong one, or refuses ours): not our child."""
         try:
-            health = await ours.fetch("GET", "/health", timeout=PROBE_TIMEOUT)
+            health = await ours.request("GET", "/health", timeout=PROBE_TIMEOUT)
             if health.status != 200:
                 return None
-            mine = await ours.fetch("GET", PROBE_ROUTE, timeout=PROBE_TIMEOUT)
-            theirs = [await u.fetch("GET", PROBE_ROUTE, timeout=PROBE_TIMEOUT) for u in strangers]
+            mine = await ours.request("GET", PROBE_ROUTE, timeout=PROBE_TIMEOUT)
+            theirs = [await u.request("GET", PROBE_ROUTE, timeout=PROBE_TIMEOUT) for u in strangers]
         except UpstreamError:
             return None
         return mine.status == 200 and all(reply.status == 401 for reply in theirs)
