@@ -60,7 +60,6 @@ from gateway.stats import Drain, Stats
 from lifecycle.request_rules import Limits
 from lifecycle.settings import Settings
 from lifecycle.supervisor import Supervisor
-from lifecycle.upstream import Upstream
 
 log = logging.getLogger("gateway")
 
@@ -230,10 +229,10 @@ async def reload_keys(request: web.Request) -> web.Response:
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    backend, settings = app[BACKEND], app[SETTINGS]
-    upstream = Upstream(backend.base_url, backend.api_key, connect_timeout=settings.connect_timeout,
-                        stream_idle_timeout=settings.stream_idle_timeout,
-                        max_response_size=settings.max_response_size)
+    settings = app[SETTINGS]
+    upstream = app[BACKEND].client(connect_timeout=settings.connect_timeout,
+                                   stream_idle_timeout=settings.stream_idle_timeout,
+                                   max_response_size=settings.max_response_size)
     app[UPSTREAM] = upstream
     yield
     await upstream.close()

@@ -29,16 +29,14 @@ from gateway.decorate import decorate
 from gateway.errors import error_response, sse_error_event
 from gateway.metrics import StreamTail
 from gateway.observe import JSON, SSE, Answer
+from lifecycle.backend import Failure
 from lifecycle.request_rules import RequestRejected, admit_body
 from lifecycle.settings import passthrough_methods
 from lifecycle.upstream import (
     Reply,
     Stream,
-    UpstreamConnectError,
-    UpstreamDisconnected,
     UpstreamError,
     UpstreamTimeout,
-    UpstreamTooLarge,
 )
 
 log = logging.getLogger("gateway.proxy")
@@ -89,18 +87,20 @@ def queue_refusal(app: web.Application, exc: QueueFull | QueueTimeout) -> tuple[
 
 
 async def backend_failed(app: web.Application, method: str, path: str, request_id: str, exc: UpstreamError) -> Refusal:
-    """502, or 503 when the backend is restarting: nothing reached it (connect refused), or it died while the
-    request was on its way (dropped before any answer, and the llama-server process that is up now exits)."""
+    """The answer to a failed upstream request, as lifecycle.backend.Backend.classify reads the failure: 503 while
+    the backend restarts (nothing reached it, or it died under the request), 504 when it did not answer in time,
+    502 otherwise."""
     log.warning("backend request %s %s failed: %s (request_id=%s)", method, path, exc, request_id)
-    if isinstance(exc, UpstreamTooLarge):
-        return Refusal(502, f"the model backend's answer is larger than {exc.limit} bytes (MAX_RESPONSE_SIZE)",
-                       "backend_answer_too_large")
     backend = app[BACKEND]
-    if isinstance(exc, UpstreamConnectError) or (
-        isinstance(exc, UpstreamDisconnected) and not exc.got_bytes and await backend.gone(backend.pid)
-    ):
+    failure = await backend.classify(exc, backend.pid)
+    if failure is Failure.TOO_LARGE:
+        return Refusal(502, f"the model backend's answer is larger than {app[SETTINGS].max_response_size} bytes "
+                            "(MAX_RESPONSE_SIZE)", "backend_answer_too_large")
+    if failure is Failure.RESTARTING:
         return Refusal(503, "the model backend is restarting; retry shortly", "backend_unavailable",
                        {"Retry-After": RETRY_AFTER_LOADING})
+    if failure is Failure.TIMEOUT:
+        return Refusal(504, "the model backend did not answer in time")
     return Refusal(502, "the model backend did not answer", "backend_error")
 
 

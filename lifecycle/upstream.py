@@ -291,11 +291,11 @@ class Upstream:
         url = urlsplit(base_url)
         self.base_url = base_url.rstrip("/")
         self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
-        self.auth = f"Bearer {api_key}"
         self.connect_timeout = connect_timeout
         self.stream_idle_timeout = stream_idle_timeout
         self.max_response_size = max_response_size  # of a whole answer (request); streams are passed on, not kept
-        self._prefix = f"Host: {self.host}:{self.port}\r\nAuthorization: {self.auth}\r\n"
+        # The key lives only inside the pre-rendered head; nothing public holds it (lifecycle.backend hands us out).
+        self._prefix = f"Host: {self.host}:{self.port}\r\nAuthorization: Bearer {api_key}\r\n"
         self._idle: list[_Connection] = []
 
     async def close(self) -> None:
