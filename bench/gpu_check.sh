@@ -72,7 +72,7 @@ pack() {
   trap 'rm -rf "$tmp"' RETURN
   if [ ! -f "$tree/tools/server/CMakeLists.txt" ]; then
     sdist="$cache/downloads/$SDIST_NAME.tar.gz"
-    [ -f "$sdist" ] || "$py" -c "from lifecycle.llama_server import *; from lifecycle.fetch import pip_download; from pathlib import Path; pip_download(SDIST, SDIST_FILE, SDIST_SHA256, Path('$cache') / 'downloads', sdist=True)"
+    [ -f "$sdist" ] || "$py" -c "from lifecycle.llama_server import *; from lifecycle.downloads import pip_download; from pathlib import Path; pip_download(SDIST, SDIST_FILE, SDIST_SHA256, Path('$cache') / 'downloads', sdist=True)"
     tar -xzf "$sdist" -C "$tmp" "$SDIST_NAME/vendor/llama.cpp"
     tree="$tmp/$SDIST_NAME/vendor/llama.cpp"
   fi

@@ -54,10 +54,9 @@ from gateway.state import (
     UPSTREAM,
 )
 from gateway.stats import Stats
+from lifecycle.backend import Backend
 from lifecycle.request_rules import Limits
 from lifecycle.settings import Settings
-from lifecycle.supervisor import Supervisor
-from lifecycle.upstream import Upstream
 
 log = logging.getLogger("gateway")
 
@@ -197,10 +196,10 @@ async def reload_keys(request: web.Request) -> web.Response:
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    backend, settings = app[BACKEND], app[SETTINGS]
-    upstream = Upstream(backend.base_url, backend.api_key, connect_timeout=settings.connect_timeout,
-                        stream_idle_timeout=settings.stream_idle_timeout,
-                        max_response_size=settings.max_response_size)
+    settings = app[SETTINGS]
+    upstream = app[BACKEND].client(connect_timeout=settings.connect_timeout,
+                                   stream_idle_timeout=settings.stream_idle_timeout,
+                                   max_response_size=settings.max_response_size)
     app[UPSTREAM] = upstream
     yield
     await upstream.close()
@@ -270,7 +269,7 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(
-    settings: Settings, backend: Supervisor, drain: Drain | None = None, registry: CollectorRegistry | None = None
+    settings: Settings, backend: Backend, drain: Drain | None = None, registry: CollectorRegistry | None = None
 ) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_request_body_size,

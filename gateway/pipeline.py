@@ -33,17 +33,14 @@ from gateway.ratelimit import Decision
 from gateway.routes import counted
 from gateway.stats import Stats
 from gateway.usage import StreamTail
+from lifecycle.backend import Backend, Failure
 from lifecycle.settings import Settings
-from lifecycle.supervisor import Supervisor
 from lifecycle.upstream import (
     Reply,
     Stream,
     Upstream,
-    UpstreamConnectError,
-    UpstreamDisconnected,
     UpstreamError,
     UpstreamTimeout,
-    UpstreamTooLarge,
 )
 
 log = logging.getLogger("gateway.pipeline")
@@ -107,7 +104,7 @@ def unavailable(backend_state: str) -> Refusal:
 class Pipeline:
     """One per app, built once its upstream client exists (gateway.app's cleanup context)."""
 
-    def __init__(self, settings: Settings, backend: Supervisor, upstream: Upstream, admission: Admission,
+    def __init__(self, settings: Settings, backend: Backend, upstream: Upstream, admission: Admission,
                  metrics: Metrics, stats: Stats, observer: Observer) -> None:
         self.settings, self.backend, self.upstream = settings, backend, upstream
         self.admission, self.metrics, self.stats, self.observer = admission, metrics, stats, observer
@@ -189,7 +186,7 @@ class Pipeline:
         """One whole answer from llama-server, or the error to give instead (502, 503, 504)."""
         timeout = self.settings.request_timeout
         try:
-            return await self.upstream.fetch(method, path, body=body, headers=headers, timeout=timeout)
+            return await self.upstream.request(method, path, body=body, headers=headers, timeout=timeout)
         except UpstreamTimeout:
             log.warning("backend request %s %s timed out after %gs (request_id=%s)", method, path, timeout,
                         request_id)
@@ -219,18 +216,19 @@ class Pipeline:
                 return await self.backend_failed("POST", path, request_id, exc)
 
     async def backend_failed(self, method: str, path: str, request_id: str, exc: UpstreamError) -> Refusal:
-        """502, or 503 when the backend is restarting: nothing reached it (connect refused), or it died while the
-        request was on its way (dropped before any answer, and the llama-server process that is up now exits)."""
+        """The answer to a failed upstream request, as lifecycle.backend.Backend.classify reads the failure: 503
+        while the backend restarts (nothing reached it, or it died under the request), 504 when it did not answer
+        in time, 502 otherwise."""
         log.warning("backend request %s %s failed: %s (request_id=%s)", method, path, exc, request_id)
-        if isinstance(exc, UpstreamTooLarge):
-            return Refusal(502, f"the model backend's answer is larger than {exc.limit} bytes (MAX_RESPONSE_SIZE)",
-                           "backend_answer_too_large")
-        backend = self.backend
-        if isinstance(exc, UpstreamConnectError) or (
-            isinstance(exc, UpstreamDisconnected) and not exc.got_bytes and await backend.gone(backend.pid)
-        ):
+        failure = await self.backend.classify(exc, self.backend.pid)
+        if failure is Failure.TOO_LARGE:
+            return Refusal(502, f"the model backend's answer is larger than {self.settings.max_response_size} "
+                                "bytes (MAX_RESPONSE_SIZE)", "backend_answer_too_large")
+        if failure is Failure.RESTARTING:
             return Refusal(503, "the model backend is restarting; retry shortly", "backend_unavailable",
                            {"Retry-After": RETRY_AFTER_LOADING})
+        if failure is Failure.TIMEOUT:
+            return Refusal(504, "the model backend did not answer in time")
         return Refusal(502, "the model backend did not answer", "backend_error")
 
     # --- relay ---------------------------------------------------------------------------------------------------

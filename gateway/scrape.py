@@ -39,7 +39,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def _backend_metrics(request: web.Request) -> str:
     try:
-        reply = await request.app[UPSTREAM].fetch("GET", "/metrics", timeout=BACKEND_SCRAPE_TIMEOUT)
+        reply = await request.app[UPSTREAM].request("GET", "/metrics", timeout=BACKEND_SCRAPE_TIMEOUT)
     except UpstreamError as exc:
         log.warning("llama-server /metrics failed: %s", exc)
         return ""

@@ -1,7 +1,7 @@
 """HTTP mode's main loop: start-up, serve, shutdown against one deadline.
 
 1. Both listeners come up first (the health port answers while the model loads; the main port answers 503).
-2. llama-server and the model are provisioned off the loop, then the supervisor starts the backend.
+2. lifecycle.backend.Backend provisions llama-server and the model off the loop, then starts it.
 3. Signal handlers only record the signal; the loop acts on it. A second SIGINT/SIGTERM forces exit.
 4. Shutdown stops the listeners, then the backend. Only __main__ calls sys.exit.
 """
@@ -24,11 +24,8 @@ from gateway.drain import Drain
 from gateway.fastlane import FastLane
 from gateway.health import create_health_app
 from gateway.state import CONNECTIONS, REQUEST_IDS, STATS
-from lifecycle.fetch import ProvisionError
-from lifecycle.llama_server import ensure_llama_server, server_version
-from lifecycle.model import resolve_model
+from lifecycle.backend import START_ERRORS, Backend
 from lifecycle.settings import Settings
-from lifecycle.supervisor import BackendStartError, Supervisor, ensure_writable_dir
 
 log = logging.getLogger("gateway.server")
 MAX_PARSED_LINE = 4 * 8192
@@ -129,7 +126,7 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, on_signal, sig)
 
     logging.getLogger("aiohttp.server").addFilter(_NoRequestContent())
-    backend = Supervisor(settings)
+    backend = Backend(settings)
     drain = Drain()
     app = create_app(settings, backend, drain)
     listeners: list[_Listener] = []
@@ -166,7 +163,7 @@ async def serve(settings: Settings) -> int:
                 code = 1
         drain.draining = True
         await _drain(app, settings.drain_timeout)
-    except (ProvisionError, BackendStartError) as exc:
+    except START_ERRORS as exc:
         log.error("%s", exc)
         code = 1
     finally:
@@ -178,14 +175,8 @@ async def serve(settings: Settings) -> int:
     return code
 
 
-async def _start_backend(settings: Settings, backend: Supervisor) -> None:
-    # An unwritable DATA_DIR fails here with one line, before minutes of provisioning (the supervisor checks again).
-    await asyncio.to_thread(ensure_writable_dir, settings.log_dir, settings.data_dir)
-    binary = await asyncio.to_thread(ensure_llama_server, settings.llama_server_bin, settings.cache_dir, os.environ)
-    version = await asyncio.to_thread(server_version, binary)
-    model = await asyncio.to_thread(resolve_model, settings)
-    log.info("llama-server %s (%s); model %s", binary, version, model)
-    await backend.start(binary, model)
+async def _start_backend(settings: Settings, backend: Backend) -> None:
+    await backend.start()
     auth = ' -H "Authorization: Bearer <your key>"' if settings.auth_enabled else ""
     log.info(
         "ready: model %s on http://localhost:%d\n  try: curl http://localhost:%d/v1/chat/completions%s "

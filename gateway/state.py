@@ -16,13 +16,13 @@ from gateway.pipeline import Exchange, Pipeline
 from gateway.ratelimit import SlidingWindow
 from gateway.requestid import RequestIds
 from gateway.stats import Stats
+from lifecycle.backend import Backend
 from lifecycle.request_rules import Limits
 from lifecycle.settings import Settings
-from lifecycle.supervisor import Supervisor
 from lifecycle.upstream import Upstream
 
 SETTINGS = web.AppKey("settings", Settings)
-BACKEND = web.AppKey("backend", Supervisor)
+BACKEND = web.AppKey("backend", Backend)
 UPSTREAM = web.AppKey("upstream", Upstream)
 STATS = web.AppKey("stats", Stats)
 KEYS = web.AppKey("keys", KeyStore)

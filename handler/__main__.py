@@ -16,11 +16,10 @@ import sys
 from types import FrameType
 
 from handler.worker import JobHandler, collect
+from lifecycle.backend import START_ERRORS
 from lifecycle.background import BackgroundBackend
-from lifecycle.fetch import ProvisionError
 from lifecycle.logs import setup_logging
 from lifecycle.settings import BAD_SETTINGS_EXIT, Settings, load_settings
-from lifecycle.supervisor import BackendStartError
 
 log = logging.getLogger("handler")
 
@@ -59,16 +58,16 @@ def main() -> int:
 def _serve(settings: Settings, backend: BackgroundBackend) -> int:
     try:
         cold_start = backend.start()
-    except (ProvisionError, BackendStartError) as exc:
+    except START_ERRORS as exc:
         log.error("%s", exc)
         return 1
     log.info("cold start: llama-server ready %.2fs after process start (model %s, %d slots)",
-             cold_start, backend.supervisor.model_id, settings.parallel)
+             cold_start, backend.backend.model_id, settings.parallel)
     # The SDK reads its settings from the environment at import; it logs at DEBUG unless told otherwise.
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     import runpod
 
-    handler = JobHandler(settings, backend.supervisor)
+    handler = JobHandler(settings, backend.backend)
     local = _local_test_mode(dict(os.environ), sys.argv[1:])
     slots = settings.parallel
     runpod.serverless.start({

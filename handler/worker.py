@@ -19,15 +19,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from handler.jobs import BackendCall, JobInputError, encode_body, parse_job_input
+from lifecycle.backend import Backend, Failure
 from lifecycle.request_rules import Limits
 from lifecycle.settings import Settings
-from lifecycle.supervisor import Supervisor
-from lifecycle.upstream import Reply, Stream, Upstream, UpstreamConnectError, UpstreamDisconnected, UpstreamError
+from lifecycle.upstream import Reply, Stream, Upstream, UpstreamError
 
 log = logging.getLogger("handler")
 
 RETRY_PAUSE = 0.25  # seconds between attempts to reach a backend that is restarting
-
 
 
 async def sse_batches(resp: Stream) -> AsyncIterator[list[bytes]]:
@@ -81,7 +80,7 @@ def _backend_error(status: int, body: bytes) -> str:
 class JobHandler:
     """`run` is the SDK's handler, an async generator function: `async for output in handler.run(job)`."""
 
-    def __init__(self, settings: Settings, backend: Supervisor, *, backend_wait: float | None = None) -> None:
+    def __init__(self, settings: Settings, backend: Backend, *, backend_wait: float | None = None) -> None:
         self.settings = settings
         self.backend = backend
         self.backend_wait = settings.backend_wait if backend_wait is None else backend_wait
@@ -93,8 +92,7 @@ class JobHandler:
         loop = asyncio.get_running_loop()
         upstream = self._upstreams.get(loop)
         if upstream is None:
-            upstream = Upstream(self.backend.base_url, self.backend.api_key,
-                                max_response_size=self.settings.max_response_size)
+            upstream = self.backend.client(max_response_size=self.settings.max_response_size)
             self._upstreams[loop] = upstream
         return upstream
 
@@ -127,28 +125,21 @@ class JobHandler:
             pid = self.backend.pid
             try:
                 if not call.stream:
-                    answer: Reply | Stream = await upstream.fetch(
+                    answer: Reply | Stream = await upstream.request(
                         call.method, call.path, body=body, headers=headers)
                 else:
                     answer = await upstream.open_stream(call.method, call.path, body=body, headers=headers)
                 break
-            except UpstreamConnectError as exc:
-                # Nothing reached the backend: it died and is being restarted (the supervisor may not have seen
-                # the exit yet). Sending again is safe.
-                reason = str(exc)
-            except UpstreamDisconnected as exc:
-                # The connection was dropped before any answer. If that was llama-server dying (a connection it
-                # had not yet accepted is reset when it exits), nobody got anything from it: send again once it is
-                # back. Otherwise the backend is up and misbehaving: do not send twice.
-                if exc.got_bytes or not await self.backend.gone(pid):
-                    log.warning("job %s: backend request failed: %s", job_id, exc)
-                    yield {"error": "the model backend did not answer"}
-                    return
-                reason = "the backend died while the job was being sent"
             except UpstreamError as exc:
-                log.warning("job %s: backend request failed: %s", job_id, exc)
-                yield {"error": "the model backend did not answer"}
-                return
+                failure = await self.backend.classify(exc, pid)
+                if failure is not Failure.RESTARTING:
+                    # The backend is up and misbehaving (or too slow, or answered too much): never send twice.
+                    log.warning("job %s: backend request failed: %s", job_id, exc)
+                    yield {"error": str(exc) if failure is Failure.TOO_LARGE else "the model backend did not answer"}
+                    return
+                # Nobody got anything from it: it died and is being restarted (the supervisor may not have seen the
+                # exit yet). Sending again once it is back is safe.
+                reason = str(exc)
             # Wait for the restart within BACKEND_WAIT_TIMEOUT, like a job that arrives during it.
             log.info("job %s: backend not reachable (%s); waiting for it", job_id, reason)
             if loop.time() + RETRY_PAUSE < deadline:

@@ -1,1 +1,2 @@
-"""The shared core: settings, platform detection, provisioning, the llama-server supervisor, upstream client."""
+"""The shared core: settings, platform detection, provisioning, the backend facade (lifecycle.backend) over the
+llama-server supervisor, the upstream client."""

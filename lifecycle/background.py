@@ -1,8 +1,9 @@
-"""The supervisor on its own event loop in a background thread, for hosts that own the main loop.
+"""The backend on its own event loop in a background thread, for hosts that own the main loop.
 
 The RunPod SDK runs its own event loop (asyncio.run or uvicorn) and blocks in it, so serverless mode keeps
-llama-server's supervisor on a private loop in this thread. The thread lives until stop(): it is the thread
-that forked llama-server, and PR_SET_PDEATHSIG fires when that thread ends.
+llama-server's lifecycle.backend.Backend on a private loop in this thread; everything it does (provisioning,
+supervising) is the Backend's. The thread lives until stop(): it is the thread that forked llama-server, and
+PR_SET_PDEATHSIG fires when that thread ends.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-from lifecycle.llama_server import ensure_llama_server, server_version
-from lifecycle.model import resolve_model
+from lifecycle.backend import Backend
 from lifecycle.settings import Settings
-from lifecycle.supervisor import Supervisor, ensure_writable_dir
 
 log = logging.getLogger("lifecycle.background")
 
@@ -37,7 +36,7 @@ def process_age() -> float | None:
 class BackgroundBackend:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.supervisor = Supervisor(settings)
+        self.backend = Backend(settings)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="llama-server-lifecycle", daemon=True)
         self._started = time.monotonic()
@@ -48,20 +47,17 @@ class BackgroundBackend:
         self._loop.run_forever()
 
     def start(self) -> float:
-        """Provision, start llama-server and block until it is ready; returns the cold-start seconds."""
+        """Backend.start() on the thread's loop, blocking until it is ready (or raises one of START_ERRORS);
+        returns the cold-start seconds."""
         self._thread.start()
-        ensure_writable_dir(self.settings.log_dir, self.settings.data_dir)  # before a build that may take minutes
-        binary = ensure_llama_server(self.settings.llama_server_bin, self.settings.cache_dir, os.environ)
-        log.info("llama-server %s (%s)", binary, server_version(binary))
-        model: Path = resolve_model(self.settings)
-        self._call(self.supervisor.start(binary, model))
+        self._call(self.backend.start())
         asyncio.run_coroutine_threadsafe(self._exit_on_crash_loop(), self._loop)
         age = process_age()
         return age if age is not None else time.monotonic() - self._started
 
     async def _exit_on_crash_loop(self) -> None:
         """BACKEND_CRASH_LOOP=exit: stop the worker (the SDK drains on SIGTERM) so the platform replaces it."""
-        await self.supervisor.gave_up.wait()
+        await self.backend.gave_up.wait()
         self.failed = True
         log.error("the backend is in a crash loop (BACKEND_CRASH_LOOP=exit): stopping this worker")
         os.kill(os.getpid(), signal.SIGTERM)
@@ -73,7 +69,7 @@ class BackgroundBackend:
         if not self._thread.is_alive():
             return
         try:
-            self._call(self.supervisor.stop(), timeout=self.settings.stop_timeout + 10)
+            self._call(self.backend.stop(), timeout=self.settings.stop_timeout + 10)
         except (concurrent.futures.TimeoutError, RuntimeError) as exc:
             log.warning("stopping llama-server: %s", exc)
         self._loop.call_soon_threadsafe(self._loop.stop)

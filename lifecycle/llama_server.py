@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from lifecycle.fetch import ProvisionError, file_lock, pip_download
+from lifecycle.downloads import ProvisionError, file_lock, pip_download
 
 SOURCE_VERSION = "0.3.36"
 SDIST = f"llama-cpp-python=={SOURCE_VERSION}"

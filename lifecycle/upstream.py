@@ -3,7 +3,7 @@
 Both paths are asyncio protocols whose responses are parsed by httptools (uvicorn's C parser); with aiohttp's
 general-purpose client a whole answer cost 2.3x the CPU, and a short stream through the gateway about 1.9x
 (bench/RESULTS.md).
-- `fetch()`, for whole (non-streaming) answers: a small keep-alive pool. A request is one pre-rendered write and
+- `request()`, for whole (non-streaming) answers: a small keep-alive pool. A request is one pre-rendered write and
   one parsed read.
 - `open_stream()`, for server-sent events: a new connection each time, because llama-server closes the connection
   after every streamed answer anyway, so pooling them only produces dead connections. The body is handed out piece
@@ -291,11 +291,11 @@ class Upstream:
         url = urlsplit(base_url)
         self.base_url = base_url.rstrip("/")
         self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
-        self.auth = f"Bearer {api_key}"
         self.connect_timeout = connect_timeout
         self.stream_idle_timeout = stream_idle_timeout
-        self.max_response_size = max_response_size  # of a whole answer (fetch); streams are passed on, not kept
-        self._prefix = f"Host: {self.host}:{self.port}\r\nAuthorization: {self.auth}\r\n"
+        self.max_response_size = max_response_size  # of a whole answer (request); streams are passed on, not kept
+        # The key lives only inside the pre-rendered head; nothing public holds it (lifecycle.backend hands us out).
+        self._prefix = f"Host: {self.host}:{self.port}\r\nAuthorization: Bearer {api_key}\r\n"
         self._idle: list[_Connection] = []
 
     async def close(self) -> None:
@@ -352,7 +352,7 @@ class Upstream:
         self._release(conn)
         return reply
 
-    async def fetch(
+    async def request(
         self, method: str, path: str, *, body: bytes | None = None, headers: dict[str, str] | None = None,
         timeout: float | None = None,
     ) -> Reply:

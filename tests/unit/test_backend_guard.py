@@ -203,5 +203,6 @@ def test_llama_cpp_config_files_are_found(tmp_path: Path) -> None:
 
 
 def test_lifecycle_does_not_import_aiohttp() -> None:
-    code = "import sys, lifecycle.supervisor, lifecycle.background; sys.exit('aiohttp' in sys.modules)"
+    code = ("import sys, lifecycle.backend, lifecycle.supervisor, lifecycle.background, lifecycle.crashloop; "
+            "sys.exit('aiohttp' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=30).returncode == 0

@@ -7,8 +7,8 @@ import pytest
 
 from handler.jobs import JobInputError, parse_job_input
 from handler.worker import JobHandler, _event_json, native_result
+from lifecycle.backend import Backend
 from lifecycle.settings import Settings
-from lifecycle.supervisor import Supervisor
 
 LIMIT = 10_000
 
@@ -71,7 +71,7 @@ def test_native_result_and_events() -> None:
 
 def test_job_waits_for_backend_then_fails_clearly(tmp_path: Path) -> None:
     settings = Settings.from_env({"DATA_DIR": str(tmp_path)}, probe_roots=[])
-    handler = JobHandler(settings, Supervisor(settings), backend_wait=0.3)
+    handler = JobHandler(settings, Backend(settings), backend_wait=0.3)
 
     async def run() -> list[object]:
         return [item async for item in handler.run({"id": "j", "input": {"prompt": "hi"}})]

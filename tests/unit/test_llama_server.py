@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle.fetch import ProvisionError
+from lifecycle.downloads import ProvisionError
 from lifecycle.llama_server import cache_version, cached_binary, check_build_tools, find_llama_server
 
 

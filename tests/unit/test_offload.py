@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lifecycle import offload
+from lifecycle.backend import Backend
 from lifecycle.request_rules import Limits
 from lifecycle.settings import Settings, SettingsError
 from lifecycle.supervisor import KEY_TAIL, Supervisor, backend_command, backend_key
@@ -109,7 +110,7 @@ def test_per_boot_key_ends_in_a_public_tail() -> None:
     one, two = backend_key(), backend_key()
     assert one != two and one.endswith(KEY_TAIL) and len(KEY_TAIL) >= 4
     assert len(one) - len(KEY_TAIL) >= 43  # 32 random bytes, urlsafe base64
-    assert Supervisor(build({})).api_key.endswith(KEY_TAIL)
+    assert Supervisor(build({}))._api_key.endswith(KEY_TAIL)  # private to lifecycle/
 
 
 # --- the log and /props -----------------------------------------------------------------------------------------
@@ -214,12 +215,14 @@ def test_offload_is_recorded_after_start_and_restart(tmp_path: Path, monkeypatch
     monkeypatch.setenv("FAKE_BOOTS_FILE", str(tmp_path / "boots"))
     from tests.conftest import free_port
 
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
     settings = Settings.from_env({"DATA_DIR": str(tmp_path), "CTX": "2048", "PARALLEL": "2",
+                                  "LLAMA_SERVER_BIN": str(FAKE), "MODEL_PATH": str(tmp_path / "m.gguf"),
                                   "PORT_BACKEND": str(free_port()), "BACKEND_RESTART_DELAY": "0.1"}, probe_roots=[])
 
     async def scenario() -> tuple[dict[str, object] | None, dict[str, object] | None, int]:
-        sup = Supervisor(settings, poll_interval=0.05)
-        await sup.start(FAKE, tmp_path / "m.gguf")
+        sup = Backend(settings, poll_interval=0.05)
+        await sup.start()
         first = sup.offload
         try:
             async with asyncio.timeout(20):

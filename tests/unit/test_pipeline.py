@@ -17,8 +17,9 @@ from gateway.metrics import Metrics
 from gateway.observe import JSON, SSE, Observer
 from gateway.pipeline import Exchange, Pipeline
 from gateway.stats import Stats
+from lifecycle.backend import Backend, Failure
 from lifecycle.settings import Settings
-from lifecycle.supervisor import BackendState, Supervisor
+from lifecycle.supervisor import BackendState
 from lifecycle.upstream import Reply, Stream, UpstreamConnectError, UpstreamTimeout
 
 
@@ -49,7 +50,7 @@ class FakeUpstream:
         self.reply, self.stream, self.error = reply, stream, error
         self.sent: list[tuple[str, str, bytes | None]] = []
 
-    async def fetch(self, method: str, path: str, *, body: bytes | None = None, headers: Any = None,
+    async def request(self, method: str, path: str, *, body: bytes | None = None, headers: Any = None,
                     timeout: float | None = None) -> Reply:
         self.sent.append((method, path, body))
         if self.error is not None:
@@ -61,6 +62,24 @@ class FakeUpstream:
         if self.error is not None:
             raise self.error
         return self.stream
+
+
+class FakeBackend:
+    """What the pipeline reads of lifecycle.backend.Backend, with Backend's own failure classification."""
+
+    def __init__(self) -> None:
+        self.state = BackendState.READY
+        self.pid: int | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state is BackendState.READY
+
+    async def gone(self, pid: int | None, within: float = 2.0) -> bool:
+        return True
+
+    async def classify(self, exc: Exception, pid: int | None) -> Failure:
+        return await Backend.classify(self, exc, pid)  # type: ignore[arg-type]
 
 
 class FakeWire:
@@ -88,11 +107,12 @@ class FakeWire:
 
 def make(tmp_path: Path, upstream: Any, capacity: int = 2, **env: str) -> tuple[Pipeline, Observer]:
     settings = Settings.from_env({"DATA_DIR": str(tmp_path), "QUEUE_TIMEOUT": "0.05", **env}, probe_roots=[])
-    backend = Supervisor(settings)
-    backend.state = BackendState.READY
+    backend = FakeBackend()
     metrics = Metrics(CollectorRegistry())
     observer = Observer(metrics, None, lambda: "model")
-    return Pipeline(settings, backend, upstream, Admission(capacity, 0, 0.05), metrics, Stats(), observer), observer
+    pipeline = Pipeline(settings, backend, upstream, Admission(capacity, 0, 0.05), metrics,  # type: ignore[arg-type]
+                        Stats(), observer)
+    return pipeline, observer
 
 
 def exchange(body: bytes | None = b"{}", stream: bool = False, slots: int = 1) -> Exchange:

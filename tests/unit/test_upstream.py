@@ -61,7 +61,7 @@ class RawServer(Served):
 
 
 async def _post(up: Upstream) -> int:
-    reply = await up.fetch("POST", "/v1/chat/completions", body=b"{}", headers={"Content-Type": "application/json"})
+    reply = await up.request("POST", "/v1/chat/completions", body=b"{}", headers={"Content-Type": "application/json"})
     assert reply.body == b'{"ok":true}' and reply.content_type == "application/json"
     return reply.status
 
@@ -137,7 +137,7 @@ def test_chunked_answers_are_read_whole() -> None:
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         up = Upstream(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "k")
         try:
-            reply = await up.fetch("GET", "/v1/models")
+            reply = await up.request("GET", "/v1/models")
             assert (reply.status, reply.body) == (200, b'{"a":1}')
         finally:
             await up.close()
@@ -161,7 +161,7 @@ def test_cancelled_request_closes_its_connection() -> None:
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         up = Upstream(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "k")
         try:
-            task = asyncio.create_task(up.fetch("GET", "/slow"))
+            task = asyncio.create_task(up.request("GET", "/slow"))
             await asyncio.sleep(0.1)
             task.cancel()
             await asyncio.wait_for(seen_close.wait(), 2)
@@ -381,10 +381,10 @@ def test_a_whole_answer_over_max_response_size_is_dropped_not_buffered() -> None
         async with BigAnswer(5_000_000) as url:
             up = Upstream(url, "k", max_response_size=100_000)
             with pytest.raises(UpstreamTooLarge):
-                await up.fetch("POST", "/v1/completions", body=b"{}")
+                await up.request("POST", "/v1/completions", body=b"{}")
             assert not up._idle  # the connection is out of step: never reused
         async with BigAnswer(50_000) as url:
-            reply = await Upstream(url, "k", max_response_size=100_000).fetch("POST", "/v1/completions", body=b"{}")
+            reply = await Upstream(url, "k", max_response_size=100_000).request("POST", "/v1/completions", body=b"{}")
             assert len(reply.body) == 50_000
 
     asyncio.run(main())
