@@ -74,3 +74,5 @@ class BackgroundBackend:
             log.warning("stopping llama-server: %s", exc)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()  # here, not in the loop's __del__ at exit (a traceback on the way out)
