@@ -122,7 +122,7 @@ def authorize(request: web.Request, settings: Settings) -> web.Response | None:
     result = verdict(app[KEYS].ring, app[FAILURES], app[LIMITER], settings, request.headers.get("Authorization", ""),
                      request.remote or "unknown")
     if isinstance(result, Admitted):
-        ex.key_id, ex.decision = result
+        ex.key_id, ex.decision = result.key_id, result.decision
         return None
     ex.rejected = result.reason
     if result.reason == "rate":

@@ -158,11 +158,12 @@ class KeyStore:
 
 
 class Admitted(NamedTuple):
-    """The caller may go on: its key id (`anonymous` with AUTH_ENABLED=false) and its rate-limit decision (None
-    with AUTH_ENABLED=false), for the X-RateLimit-* headers."""
+    """The caller may go on: its key id (`anonymous` with AUTH_ENABLED=false), its rate-limit decision for the
+    X-RateLimit-* headers (None with AUTH_ENABLED=false, or when only looked), and its requests-per-minute limit."""
 
     key_id: str
     decision: Decision | None
+    limit: int | None = None
 
 
 class Refused(NamedTuple):
@@ -186,7 +187,8 @@ def verdict(
 
     `header` is the Authorization header's value, `client` the caller's address. With consume=True (the default),
     a bad key counts against `client` in `failures`, and an admitted request uses up a place in its key's rate
-    limit; consume=False only looks (the fast lane's first look, before it parses the body)."""
+    limit; consume=False only looks (the fast lane's first look, before it parses the body; it then calls charge()
+    with the limit found, instead of looking again)."""
     if not settings.auth_enabled:
         return Admitted("anonymous", None)
     blocked = failures.check(client, settings.auth_failure_limit, consume=False)
@@ -199,11 +201,18 @@ def verdict(
             failures.add(client)
         return entry
     limit = entry.rate_limit or settings.max_requests_per_minute
-    decision = limiter.check(entry.key_id, limit, consume=consume)
+    if not consume:
+        return Admitted(entry.key_id, None, limit)  # only looked: charge() takes its place in the limit later
+    return charge(limiter, entry.key_id, limit)
+
+
+def charge(limiter: SlidingWindow, key_id: str, limit: int) -> Admitted | Refused:
+    """Use up a place in the key's rate limit, or the 429 when there is none (the last step of verdict())."""
+    decision = limiter.check(key_id, limit)
     if not decision.allowed:
         return Refused(429, f"rate limit of {limit} requests per minute exceeded", "rate_limit_exceeded", "rate",
-                       key_id=entry.key_id, decision=decision)
-    return Admitted(entry.key_id, decision)
+                       key_id=key_id, decision=decision)
+    return Admitted(key_id, decision, limit)
 
 
 def identify(ring: KeyRing, header: str, now: datetime | None = None) -> KeyEntry | Refused:
@@ -216,7 +225,7 @@ def identify(ring: KeyRing, header: str, now: datetime | None = None) -> KeyEntr
         return Refused(401, "missing API key: send Authorization: Bearer <key>", "missing_api_key", "auth")
     if entry is None:
         return Refused(401, "invalid API key", "invalid_api_key", "auth")
-    if entry.expired(now or utcnow()):
+    if entry.expires is not None and entry.expired(now or utcnow()):  # no clock read for keys that never expire
         return Refused(401, "this API key has expired", "expired_api_key", "auth", key_id=entry.key_id)
     return entry
 

@@ -39,7 +39,7 @@ import httptools
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
-from gateway.auth import Admitted, verdict
+from gateway.auth import Admitted, charge, verdict
 from gateway.connections import GatewayServer, WriteStall
 from gateway.errors import CLIENT_CLOSED, error_body
 from gateway.pipeline import SSE_HEADERS, Exchange
@@ -293,16 +293,16 @@ class FastConnection(asyncio.Protocol):
 
         decide() first (framing, headers, route: pure), then the key (gateway.auth.verdict, only looking: a
         caller without a key costs no JSON parsing), then the body's rules (lifecycle.request_rules), and the rate
-        limit last (verdict again, now using up a place), the one check that uses anything up. Every refusal is
+        limit last (auth.charge with the limit verdict found), the one check that uses anything up. Every refusal is
         aiohttp's lane's to give, so each has one implementation."""
         lane, parser = self.lane, self.parser
         candidate = decide(lane.limits, parser.get_http_version(), self._keep_alive, parser.get_method(), self._url,
                            self._headers, self._body, lane.backend.ready and not lane.drain.draining)
         if isinstance(candidate, str):
             return None
-        keys, settings = lane.keys.ring, lane.settings
-        if not isinstance(verdict(keys, lane.failures, lane.limiter, settings, candidate.authorization, self.client,
-                                  consume=False), Admitted):
+        looked = verdict(lane.keys.ring, lane.failures, lane.limiter, lane.settings, candidate.authorization,
+                         self.client, consume=False)
+        if not isinstance(looked, Admitted):
             return None
         body: bytes | None = None
         stream, slots = False, 1
@@ -312,7 +312,7 @@ class FastConnection(asyncio.Protocol):
             except RequestRejected:
                 return None  # aiohttp's lane gives the 400
             stream = parsed.get("stream") is True
-        admitted = verdict(keys, lane.failures, lane.limiter, settings, candidate.authorization, self.client)
+        admitted = looked if looked.limit is None else charge(lane.limiter, looked.key_id, looked.limit)
         if not isinstance(admitted, Admitted):
             return None
         return Exchange(started, candidate.method, candidate.path, lane.request_ids(candidate.request_id),

@@ -130,9 +130,9 @@ class Pipeline:
         if not self.backend.ready:
             self.refuse(ex, wire, unavailable(self.backend.state.value))
             return
-        headers = {"X-Request-ID": ex.request_id}
         if ex.body is None:
-            self.answer(ex, wire, await self.whole(ex.method, ex.path, None, headers, ex.request_id))
+            self.answer(ex, wire, await self.whole(ex.method, ex.path, None, {"X-Request-ID": ex.request_id},
+                                                   ex.request_id))
             return
         admission = self.admission
         try:
@@ -147,7 +147,7 @@ class Pipeline:
                 "queue_full" if full else "queue_timeout"))
             return
         self.metrics.observe_queue_wait(waited)
-        headers["Content-Type"] = JSON_TYPE
+        headers = {"Content-Type": JSON_TYPE, "X-Request-ID": ex.request_id}
         try:
             if ex.stream:
                 opened = await self.open_events(ex.path, ex.body, headers, ex.request_id)

@@ -32,6 +32,9 @@ MAX_LOGIT_BIAS = 1024
 # The request field and its aliases, as llama-server reads them (tools/server/server-schema.cpp).
 TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "n_predict", "max_output_tokens")
 COMPLETION_COUNT_FIELDS = ("n", "n_cmpl")
+CHECKED = frozenset({*TOKEN_FIELDS, *COMPLETION_COUNT_FIELDS, "n_probs", "top_logprobs", "logprobs",
+                     "dry_sequence_breakers", "dry_penalty_last_n", "dry_allowed_length", "stop", "samplers",
+                     "logit_bias"})
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -95,6 +98,9 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)  # made once, not per body
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """The body as a JSON object, or RequestRejected (code invalid_json) saying what is wrong with it."""
     try:
@@ -102,7 +108,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise RequestRejected("the request body is not UTF-8 JSON", code="invalid_json") from None
     try:
-        parsed = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        parsed = _DECODER.decode(text)
     except RecursionError:
         raise RequestRejected("the request body is nested too deeply", code="invalid_json") from None
     except ValueError as exc:
@@ -147,6 +153,8 @@ def _list(body: dict[str, Any], name: str, most: int, what: str) -> list[Any] | 
 
 def check_fields(body: dict[str, Any], limits: Limits) -> None:
     """Refuse (RequestRejected) the fields that would cost the backend without bound."""
+    if CHECKED.isdisjoint(body):
+        return  # the usual body: none of them (one set operation, not a look-up per field)
     for name in TOKEN_FIELDS:
         _int(body, name, -1, limits.max_tokens,
              f"use 1 to {limits.max_tokens} (MAX_TOKENS), or -1 or leave it out for up to MAX_TOKENS")

@@ -241,6 +241,7 @@ class Supervisor:
         self.poll_interval = poll_interval
         self.clock = clock
         self._state = BackendState.STOPPED
+        self.ready = False  # whether the state is READY; set only by _enter()
         self._api_key = backend_key()
         self.base_url = f"http://127.0.0.1:{settings.port_backend}"
         self.log_path: Path | None = None
@@ -269,12 +270,9 @@ class Supervisor:
         if new not in TRANSITIONS[old]:
             raise StateError(f"the backend cannot go from {old} to {new}")
         self._state = new
+        self.ready = new is BackendState.READY  # read on every request: an attribute, kept here with the state
         if new is not old:
             log.debug("backend state %s -> %s", old, new)
-
-    @property
-    def ready(self) -> bool:
-        return self._state is BackendState.READY
 
     @property
     def up(self) -> bool:
