@@ -26,6 +26,7 @@ from gateway.cors import Cors
 from gateway.decorate import decorate
 from gateway.drain import Drain
 from gateway.errors import CLIENT_CLOSED, error_response
+from gateway.limits import MAX_REQUEST_LINE, body_too_large, header_problem
 from gateway.metrics import Metrics
 from gateway.observe import Observer
 from gateway.pipeline import Exchange, Pipeline
@@ -61,7 +62,6 @@ from lifecycle.settings import Settings
 log = logging.getLogger("gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-MAX_REQUEST_LINE = 8192
 
 
 def check_limits(request: web.Request, settings: Settings) -> web.Response | None:
@@ -75,14 +75,11 @@ def check_limits(request: web.Request, settings: Settings) -> web.Response | Non
 def _limits(request: web.Request, settings: Settings) -> web.Response | None:
     if len(request.method) + len(request.raw_path) + 10 > MAX_REQUEST_LINE:
         return error_response(414, f"the request line is longer than {MAX_REQUEST_LINE} bytes")
-    raw = request.raw_headers
-    if len(raw) > settings.max_headers:
-        return error_response(431, f"more than {settings.max_headers} request headers (MAX_HEADERS)")
-    if any(len(name) + len(value) + 2 > settings.max_header_line_size for name, value in raw):
-        return error_response(431, f"a header line is longer than {settings.max_header_line_size} bytes "
-                                   "(MAX_HEADER_LINE_SIZE)")
+    problem = header_problem(request.raw_headers, settings.max_headers, settings.max_header_line_size)
+    if problem is not None:
+        return error_response(431, problem)
     length = request.content_length
-    if length is not None and length > settings.max_request_body_size:
+    if length is not None and body_too_large(length, settings.max_request_body_size):
         return error_response(413, f"request body is larger than {settings.max_request_body_size} bytes "
                                    "(MAX_REQUEST_BODY_SIZE)")
     return None

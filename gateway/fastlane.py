@@ -42,6 +42,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from gateway.auth import Admitted, charge, verdict
 from gateway.connections import GatewayServer, WriteStall
 from gateway.errors import CLIENT_CLOSED, error_body
+from gateway.limits import body_too_large, header_problem
 from gateway.pipeline import SSE_HEADERS, Exchange
 from gateway.routes import GET_ROUTES, JSON_ROUTES
 from gateway.state import BACKEND, CONNECTIONS, DRAIN, FAILURES, KEYS, LIMITER, LIMITS, PIPELINE, REQUEST_IDS, SETTINGS
@@ -91,13 +92,12 @@ def decide(
         return "not a fast-lane route"
     if not open_for_traffic:
         return "backend not ready or draining"
-    if len(headers) > limits.max_headers:
-        return "too many headers"
+    problem = header_problem(headers, limits.max_headers, limits.max_line)
+    if problem is not None:
+        return problem  # aiohttp's lane gives the 431
     token = request_id = length = None
     hosts = 0
     for name, value in headers:
-        if len(name) + len(value) + 2 > limits.max_line:
-            return "header line too long"
         lowered = name.lower()
         if lowered == b"authorization":
             if token is not None:
@@ -124,7 +124,7 @@ def decide(
         return "a header that is not ASCII"
     if method == b"POST":
         raw = b"".join(body)
-        if length is None or len(raw) > limits.max_body:
+        if length is None or body_too_large(len(raw), limits.max_body):
             return "no Content-Length, or a body over MAX_REQUEST_BODY_SIZE"
         return Candidate("POST", path, auth, rid, raw)
     if body:
