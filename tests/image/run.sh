@@ -30,6 +30,13 @@ start_engine() {
         apt-get update -q >/dev/null
         apt-get install -y -q docker.io >/dev/null
     fi
+    # A dockerd (and its containerd) killed earlier, e.g. with the session that started it, leaves pid files behind.
+    local pidfile
+    for pidfile in /var/run/docker.pid /var/run/docker/containerd/containerd.pid; do
+        if [[ -f "$pidfile" ]] && ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+            rm -f "$pidfile"
+        fi
+    done
     log "starting dockerd (log: /var/log/dockerd.log)"
     (setsid dockerd >/var/log/dockerd.log 2>&1 &)
     for _ in $(seq 1 60); do
