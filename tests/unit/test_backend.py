@@ -25,17 +25,15 @@ from lifecycle.upstream import (
     UpstreamTimeout,
     UpstreamTooLarge,
 )
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT
+from tests.unit.test_supervisor import settings_for as supervisor_settings
 
 FAKE = ROOT / "tests" / "fakes" / "fake_llama_server.py"
 
 
 def settings_for(tmp_path: Path, **env: str) -> Settings:
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF")
-    return Settings.from_env({"DATA_DIR": str(tmp_path), "LLAMA_SERVER_BIN": str(FAKE), "MODEL_PATH": str(model),
-                              "PORT_BACKEND": str(free_port()), "CTX": "512", "AUTH_ENABLED": "false",
-                              "BACKEND_RESTART_DELAY": "30", **env}, probe_roots=[])
+    """The supervisor tests' settings (the fake backend), with auth off and slow restarts."""
+    return supervisor_settings(tmp_path, **{"AUTH_ENABLED": "false", "BACKEND_RESTART_DELAY": "30", **env})
 
 
 # --- classification -------------------------------------------------------------------------------------------------
