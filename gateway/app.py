@@ -25,7 +25,7 @@ from gateway.connections import Connections
 from gateway.cors import Cors
 from gateway.decorate import decorate
 from gateway.drain import Drain
-from gateway.errors import CLIENT_CLOSED, error_response
+from gateway.errors import CLIENT_CLOSED, INTERNAL_ERROR, error_response
 from gateway.limits import MAX_REQUEST_LINE, body_too_large, header_problem
 from gateway.metrics import Metrics
 from gateway.observe import Observer
@@ -170,7 +170,7 @@ async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamR
                     raise
                 log.exception("unexpected error on %s %s (request_id=%s)", request.method, request.path,
                               ex.request_id)
-                response = error_response(500, "internal error in the gateway; see its log", "internal_error")
+                response = error_response(500, INTERNAL_ERROR, "internal_error")
         status = response.status
         if not response.prepared:  # streams were decorated by the proxy before their headers went out
             decorate(request, response)

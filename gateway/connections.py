@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from gateway.errors import error_body, error_response
+from gateway.errors import INTERNAL_ERROR, error_body, error_response
 from gateway.requestid import HEADER as REQUEST_ID_HEADER
 from gateway.requestid import RequestIds
 
@@ -149,7 +149,7 @@ class GatewayRequestHandler(RequestHandler):
             raise ConnectionError("an answer is already under way; cannot send an error answer")
         if status >= 500:
             log.error("unexpected error on a request from %s: %s", request.remote, type(exc).__name__)
-            status, text, code = 500, "internal error in the gateway; see its log", "internal_error"
+            status, text, code = 500, INTERNAL_ERROR, "internal_error"
         else:
             status, text, code = parser_error(exc, self._gateway.max_line_size)
             log.info("bad request from %s: %s (%d)", request.remote, type(exc).__name__, status)

@@ -6,6 +6,7 @@ import json
 
 from aiohttp import web
 
+INTERNAL_ERROR = "internal error in the gateway; see its log"  # the message of every 500 the gateway gives itself
 CLIENT_CLOSED = 499  # nginx's status for a client that left before its answer went out (access log, metrics)
 
 # status -> (type, default code)

@@ -41,7 +41,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from gateway.auth import Admitted, charge, verdict
 from gateway.connections import GatewayServer, WriteStall
-from gateway.errors import CLIENT_CLOSED, error_body
+from gateway.errors import CLIENT_CLOSED, INTERNAL_ERROR, error_body
 from gateway.limits import body_too_large, header_problem
 from gateway.pipeline import SSE_HEADERS, Exchange
 from gateway.routes import GET_ROUTES, JSON_ROUTES
@@ -362,7 +362,7 @@ class FastConnection(asyncio.Protocol):
                     self.transport.close()
             else:
                 self.send(500, "application/json",
-                          error_body(500, "internal error in the gateway; see its log", "internal_error"), None)
+                          error_body(500, INTERNAL_ERROR, "internal_error"), None)
         finally:
             pipeline.record(ex, ex.status or status)  # cancelled once the answer started: the status it sent
             self.task = None
@@ -374,9 +374,7 @@ class FastConnection(asyncio.Protocol):
 
     def send(self, status: int, content_type: str, body: bytes, headers: Mapping[str, str] | None) -> None:
         head = self._head(status, {"Content-Type": content_type, "Content-Length": str(len(body))}, headers)
-        self._write(head + b"\r\n" + body)
-        if self.exchange is not None:
-            self.exchange.status = status
+        self._write(head + b"\r\n" + body)  # the pipeline notes the status on the exchange
 
     async def open(self, status: int) -> None:
         """The head of an event stream, in chunked transfer encoding."""

@@ -193,15 +193,17 @@ class Checks:
 
     def image_facts(self) -> None:
         size = int(docker("image", "inspect", "-f", "{{.Size}}", self.image))
-        version = docker("run", "--rm", "--network", "host", "--entrypoint", "/opt/llama-server/llama-server",
-                         self.image, "--version", check=False)
+        proc = subprocess.run([DOCKER, "run", "--rm", "--network", "host", "--entrypoint",
+                               "/opt/llama-server/llama-server", self.image, "--version"],
+                              capture_output=True, text=True, timeout=120)
+        version = proc.stdout + proc.stderr  # llama-server prints its version on stderr
         built = docker("run", "--rm", "--network", "host", "--entrypoint", "cat", self.image,
                        "/opt/llama-server/VERSION")
         labels = json.loads(docker("image", "inspect", "-f", "{{json .Config.Labels}}", self.image))
         print(f"     image {self.image}: {size / 1e6:.0f} MB; llama-server {built}")
         assert built.split()[0] == labels["io.llama-gguf-inference.llama-cpp"].removeprefix("llama-cpp-python-")
         assert "org.opencontainers.image.version" in labels and "org.opencontainers.image.source" in labels
-        del version
+        assert "version:" in version, f"the image's llama-server does not run: {version!r}"
         config = json.loads(docker("image", "inspect", "-f", "{{json .Config}}", self.image))
         assert config["Healthcheck"]["Test"] == ["CMD", "python3", "-m", "lifecycle.healthcheck"], config
         assert set(config["ExposedPorts"]) == {"8000/tcp", "8001/tcp"}
