@@ -157,13 +157,18 @@ class KeyStore:
             await self.reload()
 
 
+ANONYMOUS = "anonymous"
+
+
 class Admitted(NamedTuple):
     """The caller may go on: its key id (`anonymous` with AUTH_ENABLED=false), its rate-limit decision for the
-    X-RateLimit-* headers (None with AUTH_ENABLED=false, or when only looked), and its requests-per-minute limit."""
+    X-RateLimit-* headers (None with AUTH_ENABLED=false, or when only looked), its requests-per-minute limit, and
+    whether its key is an admin key (`admin=true` in the keys file; never for `anonymous`: see require_admin)."""
 
     key_id: str
     decision: Decision | None
     limit: int | None = None
+    admin: bool = False
 
 
 class Refused(NamedTuple):
@@ -190,7 +195,7 @@ def verdict(
     limit; consume=False only looks (the fast lane's first look, before it parses the body; it then calls charge()
     with the limit found, instead of looking again)."""
     if not settings.auth_enabled:
-        return Admitted("anonymous", None)
+        return Admitted(ANONYMOUS, None)
     blocked = failures.check(client, settings.auth_failure_limit, consume=False)
     if not blocked.allowed:
         return Refused(429, "too many failed API keys from this address; retry later", "too_many_auth_failures",
@@ -202,17 +207,38 @@ def verdict(
         return entry
     limit = entry.rate_limit or settings.max_requests_per_minute
     if not consume:
-        return Admitted(entry.key_id, None, limit)  # only looked: charge() takes its place in the limit later
-    return charge(limiter, entry.key_id, limit)
+        # only looked: charge() takes its place in the limit later
+        return Admitted(entry.key_id, None, limit, entry.admin)
+    return charge(limiter, entry.key_id, limit, entry.admin)
 
 
-def charge(limiter: SlidingWindow, key_id: str, limit: int) -> Admitted | Refused:
-    """Use up a place in the key's rate limit, or the 429 when there is none (the last step of verdict())."""
+def charge(limiter: SlidingWindow, key_id: str, limit: int, admin: bool = False) -> Admitted | Refused:
+    """Use up a place in the key's rate limit, or the 429 when there is none (the last step of verdict()); `admin`
+    is passed on to the Admitted."""
     decision = limiter.check(key_id, limit)
     if not decision.allowed:
         return Refused(429, f"rate limit of {limit} requests per minute exceeded", "rate_limit_exceeded", "rate",
                        key_id=key_id, decision=decision)
-    return Admitted(key_id, decision, limit)
+    return Admitted(key_id, decision, limit, admin)
+
+
+ADMIN_REQUIRED = "this action needs an admin key"
+
+
+def require_admin(admitted: Admitted) -> Refused | None:
+    """The one rule of the admin routes (model load/unload/refresh): None when `admitted` may use them, else the 403
+    to give (OpenAI `permission_error`, code `admin_key_required`).
+
+    Only a key marked `admin=true` in the keys file may. With AUTH_ENABLED=false every caller is `anonymous`, which
+    is never an admin: admin actions then need AUTH_ENABLED=true and an admin key (a caller that wants them open
+    without keys has to decide so itself, before calling this)."""
+    if admitted.admin:
+        return None
+    if admitted.key_id == ANONYMOUS and admitted.decision is None and admitted.limit is None:
+        message = f"{ADMIN_REQUIRED}, and authentication is disabled (AUTH_ENABLED=false)"
+    else:
+        message = ADMIN_REQUIRED
+    return Refused(403, message, "admin_key_required", "auth", key_id=admitted.key_id)
 
 
 def identify(ring: KeyRing, header: str, now: datetime | None = None) -> KeyEntry | Refused:

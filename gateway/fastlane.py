@@ -312,7 +312,7 @@ class FastConnection(asyncio.Protocol):
             except RequestRejected:
                 return None  # aiohttp's lane gives the 400
             stream = parsed.get("stream") is True
-        admitted = looked if looked.limit is None else charge(lane.limiter, looked.key_id, looked.limit)
+        admitted = looked if looked.limit is None else charge(lane.limiter, looked.key_id, looked.limit, looked.admin)
         if not isinstance(admitted, Admitted):
             return None
         return Exchange(started, candidate.method, candidate.path, lane.request_ids(candidate.request_id),

@@ -3,6 +3,13 @@
     key_id:api_key[:rate_limit][:expiration]          plaintext, the old project's format
     key_id:sha256:<64 hex digits>[:rate_limit][:expiration]   hashed, what `python -m gateway.keys` writes
 
+either followed by options: whitespace-separated `name=value` tokens at the end of the line, such as
+`ops:sha256:<hex>:60 admin=true`. Only `admin` (`true`/`false`) is known so far; later ones (scopes) go the same
+way. An unknown option, a bad value or an option given twice makes the line skipped with a warning that names the
+line and the option, never the key: a typo must never grant anything, nor silently drop a restriction. Options are
+only the trailing tokens that look like `name=value` (a lowercase name): an expiration written with a space
+(`2027-01-01 10:00`) is still an expiration.
+
 A plaintext key must be 16+ characters, so the 6-character `sha256` in the key position can never be a plaintext
 key. `rate_limit` is requests per minute (empty = MAX_REQUESTS_PER_MINUTE); `expiration` is an ISO date or
 date-time, with or without a timezone (naive means UTC; a bare date means the start of that day, UTC); it may
@@ -18,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -28,6 +36,7 @@ MIN_KEY_LENGTH = 16
 HASH_MARK = "sha256"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _KEY_ID = re.compile(r"[A-Za-z0-9_.@-]+")
+_OPTION = re.compile(r"([a-z][a-z0-9_]{0,31})=(\S*)")  # a token that is an option rather than part of a field
 
 
 ENCODING = "utf-8"
@@ -67,6 +76,7 @@ class KeyEntry:
     rate_limit: int | None = None
     expires: datetime | None = None
     hashed: bool = True
+    admin: bool = False  # may use the admin routes (model load/unload/refresh): see gateway.auth.require_admin
 
     def expired(self, now: datetime) -> bool:
         return self.expires is not None and now >= self.expires
@@ -78,7 +88,11 @@ class KeyEntry:
             fields.append("" if self.rate_limit is None else str(self.rate_limit))
         if self.expires is not None:
             fields.append(self.expires.isoformat())
-        return ":".join(fields)
+        return " ".join([":".join(fields), *self.options()])
+
+    def options(self) -> list[str]:
+        """The `name=value` tokens `line()` writes after the fields; only those that differ from the default."""
+        return ["admin=true"] if self.admin else []
 
 
 class KeyLineError(ValueError):
@@ -105,7 +119,54 @@ def _rate(text: str) -> int | None:
     return int(text)
 
 
+def _boolean(name: str, text: str) -> bool:
+    if text not in ("true", "false"):
+        raise KeyLineError(f"option {name} must be true or false")
+    return text == "true"
+
+
+# name -> (KeyEntry field, parser of the value); parsers raise KeyLineError naming the option, never the value
+_OPTIONS: dict[str, tuple[str, Callable[[str, str], object]]] = {
+    "admin": ("admin", _boolean),
+}
+
+
+def split_options(line: str) -> tuple[str, list[tuple[str, str]]]:
+    """The line without its trailing `name=value` tokens, and those tokens in the order written.
+
+    Only tokens after the first whitespace count: the fields themselves (key_id:...) are the first token."""
+    fields = line.strip()
+    found: list[tuple[str, str]] = []
+    while True:
+        parts = fields.rsplit(None, 1)
+        if len(parts) < 2:
+            break
+        head, last = parts
+        option = _OPTION.fullmatch(last)
+        if option is None:
+            break
+        found.append((option.group(1), option.group(2)))
+        fields = head.rstrip()
+    found.reverse()
+    return fields, found
+
+
+def _options(found: list[tuple[str, str]]) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for name, text in found:
+        known = _OPTIONS.get(name)
+        if known is None:
+            raise KeyLineError(f"unknown option {name}")
+        attribute, parse = known
+        if attribute in values:
+            raise KeyLineError(f"option {name} is given twice")
+        values[attribute] = parse(name, text)
+    return values
+
+
 def parse_line(line: str) -> KeyEntry:
+    line, found = split_options(line)
+    options = _options(found)
     key_id, sep, rest = line.partition(":")
     if not sep or not _KEY_ID.fullmatch(key_id):
         raise KeyLineError("expected key_id:api_key with a key_id of letters, digits, _ . @ -")
@@ -122,7 +183,7 @@ def parse_line(line: str) -> KeyEntry:
         key_digest, hashed = digest(parts[0]), False
     rate = _rate(parts[1].strip()) if len(parts) > 1 else None
     expires = parse_expiry(parts[2]) if len(parts) > 2 and parts[2].strip() else None
-    return KeyEntry(key_id, key_digest, rate, expires, hashed)
+    return KeyEntry(key_id, key_digest, rate, expires, hashed, **options)  # type: ignore[arg-type]
 
 
 def parse_keys(text: str, source: str = "keys file") -> list[KeyEntry]:

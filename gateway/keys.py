@@ -1,7 +1,8 @@
-"""`python -m gateway.keys`: create, list, rotate and remove API keys in the keys file.
+"""`python -m gateway.keys`: create, list, update, rotate and remove API keys in the keys file.
 
-    python -m gateway.keys generate --name ID [--rate-limit N] [--expires 30d|24h|60m|ISO]
+    python -m gateway.keys generate --name ID [--rate-limit N] [--expires 30d|24h|60m|ISO] [--admin]
     python -m gateway.keys list
+    python -m gateway.keys update --name ID [--admin|--no-admin] [--rate-limit N] [--expires 30d|24h|60m|ISO]
     python -m gateway.keys rotate --name ID
     python -m gateway.keys remove --name ID
 
@@ -28,7 +29,7 @@ import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -254,7 +255,20 @@ def resolve_file(given: Path | None) -> Path:
 def _describe(entry: KeyEntry) -> str:
     limit = "default rate limit" if entry.rate_limit is None else f"{entry.rate_limit}/min"
     expires = "never expires" if entry.expires is None else f"expires {entry.expires.isoformat()}"
-    return f"{limit}, {expires}"
+    return f"{limit}, {expires}" + (", admin" if entry.admin else "")
+
+
+def _valid(keys: KeysFile, name: str, path: Path) -> tuple[list[int], list[tuple[int, KeyEntry]]]:
+    """The lines of `name` and its valid entries; KeysError when there is none (the id is unknown or every line of
+    it is invalid)."""
+    indexes = keys.indexes(name)
+    valid = [(i, e) for i in indexes if (e := keys.entry(i)) is not None]
+    if not indexes:
+        raise KeysError(f"unknown key id {name!r} in {path}")
+    if not valid:
+        numbers = ", ".join(str(i + 1) for i in indexes)
+        raise KeysError(f"key id {name!r} has no valid line in {path} (line {numbers}): fix or remove it")
+    return indexes, valid
 
 
 def _note(args: argparse.Namespace, message: str) -> None:
@@ -264,7 +278,7 @@ def _note(args: argparse.Namespace, message: str) -> None:
 
 def cmd_generate(args: argparse.Namespace, path: Path) -> int:
     key = new_key()
-    entry = KeyEntry(args.name, digest(key), args.rate_limit, args.expires)
+    entry = KeyEntry(args.name, digest(key), args.rate_limit, args.expires, admin=args.admin)
 
     def edit(keys: KeysFile) -> None:
         existing = keys.indexes(args.name)
@@ -284,15 +298,9 @@ def cmd_rotate(args: argparse.Namespace, path: Path) -> int:
     rotated: list[KeyEntry] = []
 
     def edit(keys: KeysFile) -> None:
-        indexes = keys.indexes(args.name)
-        valid = [(i, e) for i in indexes if (e := keys.entry(i)) is not None]
-        if not indexes:
-            raise KeysError(f"unknown key id {args.name!r} in {path}")
-        if not valid:
-            numbers = ", ".join(str(i + 1) for i in indexes)
-            raise KeysError(f"key id {args.name!r} has no valid line in {path} (line {numbers}): fix or remove it")
+        indexes, valid = _valid(keys, args.name, path)
         first, old = valid[0]
-        entry = KeyEntry(args.name, digest(key), old.rate_limit, old.expires)
+        entry = replace(old, digest=digest(key), hashed=True)  # the same limit, expiry and options
         keys.replace(first, entry.line())
         # Every other line of this id goes too: each valid one would still let its old key in.
         for index in reversed(indexes):
@@ -306,6 +314,32 @@ def cmd_rotate(args: argparse.Namespace, path: Path) -> int:
     _note(args, f"rotated key {args.name!r} in {path} ({_describe(entry)}); the old key no longer works")
     if entry.expired(datetime.now(UTC)):
         print(f"warning: key {args.name!r} had already expired, so the new key is expired too", file=sys.stderr)
+    return 0
+
+
+def cmd_update(args: argparse.Namespace, path: Path) -> int:
+    changes: dict[str, object] = {}
+    if args.admin is not None:
+        changes["admin"] = args.admin
+    if args.rate_limit is not None:
+        changes["rate_limit"] = args.rate_limit
+    if args.expires is not None:
+        changes["expires"] = args.expires
+    if not changes:
+        raise UsageError("update needs at least one of --admin, --no-admin, --rate-limit, --expires")
+    updated: list[KeyEntry] = []
+
+    def edit(keys: KeysFile) -> None:
+        _, valid = _valid(keys, args.name, path)
+        # Every valid line of the id: each one lets its key in with its own limit, expiry and options.
+        for index, old in valid:
+            entry = replace(old, **changes)  # type: ignore[arg-type]
+            keys.replace(index, entry.line())  # the same hash, written hashed (a plaintext key keeps working)
+            updated.append(entry)
+
+    change(path, edit, missing=f"unknown key id {args.name!r}: {path} does not exist")
+    lines = "" if len(updated) == 1 else f"; {len(updated)} lines"
+    _note(args, f"updated key {args.name!r} in {path} ({_describe(updated[0])}{lines})")
     return 0
 
 
@@ -348,7 +382,7 @@ def cmd_list(args: argparse.Namespace, path: Path) -> int:
                 "default" if entry.rate_limit is None else str(entry.rate_limit),
                 "never" if entry.expires is None else entry.expires.isoformat(),
                 "expired" if entry.expired(now) else "active",
-                "" if entry.hashed else "(plaintext)",
+                " ".join(note for note, on in (("admin", entry.admin), ("(plaintext)", not entry.hashed)) if on),
             )
         )
     if not rows:
@@ -394,12 +428,25 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--name", required=True, type=key_id, help="the key id")
     generate.add_argument("--rate-limit", type=rate_limit, help="requests/minute (default: MAX_REQUESTS_PER_MINUTE)")
     generate.add_argument("--expires", type=expiry, help="30d, 24h, 60m from now, or an ISO date/date-time")
+    generate.add_argument("--admin", action="store_true", help="an admin key (model load/unload/refresh)")
     generate.set_defaults(func=cmd_generate)
 
-    listing = commands.add_parser("list", parents=common, help="show ids, limits, expiry and status (never keys)")
+    listing = commands.add_parser("list", parents=common,
+                                  help="show ids, limits, expiry, status and admin keys (never keys)")
     listing.set_defaults(func=cmd_list)
 
-    rotate = commands.add_parser("rotate", parents=common, help="replace a key, keeping its limit and expiry")
+    update = commands.add_parser("update", parents=common,
+                                 help="change a key's admin flag, rate limit or expiry, keeping the key")
+    update.add_argument("--name", required=True, type=key_id, help="the key id")
+    admin = update.add_mutually_exclusive_group()
+    admin.add_argument("--admin", dest="admin", action="store_true", default=None, help="make it an admin key")
+    admin.add_argument("--no-admin", dest="admin", action="store_false", help="make it an ordinary key")
+    update.add_argument("--rate-limit", type=rate_limit, help="requests/minute")
+    update.add_argument("--expires", type=expiry, help="30d, 24h, 60m from now, or an ISO date/date-time")
+    update.set_defaults(func=cmd_update)
+
+    rotate = commands.add_parser("rotate", parents=common,
+                                 help="replace a key, keeping its limit, expiry and admin flag")
     rotate.add_argument("--name", required=True, type=key_id, help="the key id")
     rotate.set_defaults(func=cmd_rotate)
 
