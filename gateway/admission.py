@@ -86,3 +86,38 @@ class Admission:
             waiters.popleft()
             self.active += weight
             waiter.set_result(None)
+
+
+class Admissions:
+    """The slots and queue of each model: one Admission for a single model, one per model id with several
+    (MODELS), so MAX_CONCURRENT_REQUESTS and the queue hold per model. Ids come from the served ModelSet only, so
+    there are as many as models."""
+
+    def __init__(self, capacity: int, max_queue: int = 0, timeout: float = 60.0) -> None:
+        self.capacity, self.max_queue, self.timeout = capacity, max_queue, timeout
+        self.default = Admission(capacity, max_queue, timeout)
+        self.per_model: dict[str, Admission] = {}
+
+    def of(self, model: str | None) -> Admission:
+        if model is None:
+            return self.default
+        admission = self.per_model.get(model)
+        if admission is None:
+            admission = self.per_model[model] = Admission(self.capacity, self.max_queue, self.timeout)
+        return admission
+
+    def _all(self) -> list[Admission]:
+        return [self.default, *self.per_model.values()]
+
+    @property
+    def depth(self) -> int:
+        return sum(a.depth for a in self._all())
+
+    @property
+    def active(self) -> int:
+        return sum(a.active for a in self._all())
+
+    @property
+    def saturated(self) -> bool:
+        """Some model's slots are all held: its next request waits."""
+        return any(a.saturated for a in self._all())

@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway import health, proxy, scrape
+from gateway import admin, health, proxy, scrape
 from gateway.accesslog import AccessLog
-from gateway.admission import Admission
+from gateway.admission import Admissions
 from gateway.auth import Admitted, KeyStore, verdict
 from gateway.connections import Connections
 from gateway.cors import Cors
@@ -119,7 +119,7 @@ def authorize(request: web.Request, settings: Settings) -> web.Response | None:
     result = verdict(app[KEYS].ring, app[FAILURES], app[LIMITER], settings, request.headers.get("Authorization", ""),
                      request.remote or "unknown")
     if isinstance(result, Admitted):
-        ex.key_id, ex.decision = result.key_id, result.decision
+        ex.key_id, ex.decision, ex.caller = result.key_id, result.decision, result
         return None
     ex.rejected = result.reason
     if result.reason == "rate":
@@ -276,12 +276,12 @@ def create_app(
     app[BACKEND] = backend
     app[STATS] = Stats()
     app[DRAIN] = drain or Drain()
-    app[ADMISSION] = Admission(settings.max_concurrent_requests, settings.max_queue_size, settings.queue_timeout)
+    app[ADMISSION] = Admissions(settings.max_concurrent_requests, settings.max_queue_size, settings.queue_timeout)
     metrics = Metrics(registry or CollectorRegistry())
     metrics.set_backend_source(lambda: (backend.up, backend.ready, backend.restarts))
     app[METRICS] = metrics
     app[REQUEST_IDS] = RequestIds()
-    app[LIMITS] = Limits.from_settings(settings)
+    app[LIMITS] = Limits.from_settings(settings, backend if settings.models else None)
     app[CONNECTIONS] = Connections(settings.max_connections, app[REQUEST_IDS], lambda: metrics.reject("connections"))
     app[CORS] = Cors(settings.cors_origins)
     app[LIMITER] = SlidingWindow(60.0)
@@ -308,4 +308,6 @@ def create_app(
     scrape.add_routes(app)
     proxy.add_routes(app, settings.passthrough_routes)
     app.router.add_post("/reload", reload_keys)
+    if settings.models:
+        admin.add_routes(app)
     return app

@@ -305,18 +305,18 @@ class FastConnection(asyncio.Protocol):
         if not isinstance(looked, Admitted):
             return None
         body: bytes | None = None
-        stream, slots = False, 1
+        stream, slots, model = False, 1, None
         if candidate.body is not None:
             try:
-                parsed, body, slots = admit_body(candidate.body, lane.body_limits)
+                parsed, body, slots, model = admit_body(candidate.body, lane.body_limits)
             except RequestRejected:
-                return None  # aiohttp's lane gives the 400
+                return None  # aiohttp's lane gives the 400 (or the 404 of an unknown model)
             stream = parsed.get("stream") is True
         admitted = looked if looked.limit is None else charge(lane.limiter, looked.key_id, looked.limit, looked.admin)
         if not isinstance(admitted, Admitted):
             return None
         return Exchange(started, candidate.method, candidate.path, lane.request_ids(candidate.request_id),
-                        admitted.key_id, admitted.decision, body, stream, slots)
+                        admitted.key_id, admitted.decision, body, stream, slots, model=model)
 
     def _hand_over(self, data: bytes) -> None:
         """From now on aiohttp's server owns this connection; `data` is everything since the request began."""

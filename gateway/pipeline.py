@@ -25,7 +25,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-from gateway.admission import Admission, QueueFull, QueueTimeout
+from gateway import models as listing
+from gateway.admission import Admissions, QueueFull, QueueTimeout
+from gateway.auth import Admitted
 from gateway.errors import error_body, sse_error_event
 from gateway.metrics import Metrics
 from gateway.observe import JSON, SSE, Answer, Observer
@@ -34,6 +36,7 @@ from gateway.routes import counted
 from gateway.stats import Stats
 from gateway.usage import StreamTail
 from lifecycle.backend import Backend, Failure
+from lifecycle.router import ModelLoadFailed
 from lifecycle.settings import Settings
 from lifecycle.upstream import (
     Reply,
@@ -64,6 +67,8 @@ class Exchange:
     body: bytes | None = None  # what goes to llama-server; None for GET
     stream: bool = False
     slots: int = 1  # backend slots it holds while it runs (n completions side by side)
+    model: str | None = None  # with several models (MODELS): the id of the one it is for
+    caller: Admitted | None = None  # the auth verdict that let it in (the aiohttp lane), for the admin routes
     status: int = 0  # the status whose headers went out; 0 until then
     rejected: str | None = None  # why the gateway refused it (gateway.metrics.REJECTION_REASONS)
     ttft: float | None = None  # seconds to the first event of a stream
@@ -104,7 +109,7 @@ def unavailable(backend_state: str) -> Refusal:
 class Pipeline:
     """One per app, built once its upstream client exists (gateway.app's cleanup context)."""
 
-    def __init__(self, settings: Settings, backend: Backend, upstream: Upstream, admission: Admission,
+    def __init__(self, settings: Settings, backend: Backend, upstream: Upstream, admission: Admissions,
                  metrics: Metrics, stats: Stats, observer: Observer) -> None:
         self.settings, self.backend, self.upstream = settings, backend, upstream
         self.admission, self.metrics, self.stats, self.observer = admission, metrics, stats, observer
@@ -131,24 +136,24 @@ class Pipeline:
             self.refuse(ex, wire, unavailable(self.backend.state.value))
             return
         if ex.body is None:
-            self.answer(ex, wire, await self.whole(ex.method, ex.path, None, {"X-Request-ID": ex.request_id},
-                                                   ex.request_id))
+            self.answer(ex, wire, await self.get(ex))
             return
-        admission = self.admission
+        admission = self.admission.of(ex.model)
         try:
             waited = await admission.acquire(ex.slots)
         except (QueueFull, QueueTimeout) as exc:
-            self.stats.queue_rejections += 1
-            full = isinstance(exc, QueueFull)
-            self.refuse(ex, wire, Refusal(
-                503, "the request queue is full; retry shortly" if full
-                else "no backend slot became free in time; retry shortly",
-                "queue_full" if full else "queue_timeout", self.queue_retry_after,
-                "queue_full" if full else "queue_timeout"))
+            self.refuse(ex, wire, self.queue_refusal(isinstance(exc, QueueFull)))
             return
         self.metrics.observe_queue_wait(waited)
         headers = {"Content-Type": JSON_TYPE, "X-Request-ID": ex.request_id}
         try:
+            if ex.model is not None:
+                # A model that is not loaded: the request goes on waiting, within the queue's deadline, while the
+                # router loads it; never failed early.
+                refusal = await self.model_ready(ex.model, ex.started + self.settings.queue_timeout)
+                if refusal is not None:
+                    self.refuse(ex, wire, refusal)
+                    return
             if ex.stream:
                 opened = await self.open_events(ex.path, ex.body, headers, ex.request_id)
                 if isinstance(opened, Stream):
@@ -163,6 +168,40 @@ class Pipeline:
                 self.answer(ex, wire, reply)
         finally:
             admission.release(ex.slots)
+
+    def queue_refusal(self, full: bool) -> Refusal:
+        self.stats.queue_rejections += 1
+        return Refusal(
+            503, "the request queue is full; retry shortly" if full
+            else "no backend slot became free in time; retry shortly",
+            "queue_full" if full else "queue_timeout", self.queue_retry_after,
+            "queue_full" if full else "queue_timeout")
+
+    async def model_ready(self, model: str, deadline: float) -> Refusal | None:
+        """None once `model` is loaded (the router loads it on request); else the 503 to give."""
+        router = self.backend.router
+        assert router is not None  # ex.model is set with several models only
+        try:
+            if await router.wait_ready(model, deadline):
+                return None
+        except ModelLoadFailed as exc:
+            return Refusal(503, str(exc), "model_load_failed", {"Retry-After": RETRY_AFTER_LOADING})
+        except UpstreamError as exc:
+            log.warning("router: the status of %s is unknown: %s", model, exc)
+            return unavailable("not answering about its models")
+        self.stats.queue_rejections += 1
+        return Refusal(503, f"the model {model} is still loading after QUEUE_TIMEOUT "
+                            f"({self.settings.queue_timeout:g}s); retry shortly", "queue_timeout",
+                       self.queue_retry_after, "queue_timeout")
+
+    async def get(self, ex: Exchange) -> Reply | Refusal:
+        """A GET route: the model list (the gateway's own with several models, or one model of it), or
+        llama-server's answer."""
+        if ex.path == "/v1/models" and self.backend.models is not None:
+            return await listing.model_list(self.backend)
+        if ex.path.startswith(listing.MODEL_PREFIX):
+            return await listing.one_model(self, ex)
+        return await self.whole(ex.method, ex.path, None, {"X-Request-ID": ex.request_id}, ex.request_id)
 
     def refuse(self, ex: Exchange, wire: Wire, refusal: Refusal) -> None:
         if refusal.reason is not None:

@@ -16,7 +16,7 @@ from aiohttp import web
 from gateway.decorate import decorate
 from gateway.errors import error_response
 from gateway.pipeline import SSE_HEADERS, unavailable
-from gateway.routes import GET_ROUTES, JSON_ROUTES
+from gateway.routes import GET_ROUTES, JSON_ROUTES, MODEL_ROUTE
 from gateway.state import EXCHANGE, LIMITS, PIPELINE, SETTINGS
 from lifecycle.request_rules import RequestRejected, admit_body
 from lifecycle.settings import passthrough_methods
@@ -73,10 +73,10 @@ async def proxy_json(request: web.Request) -> web.StreamResponse:
     """POST to a JSON route: the body's rules, then the pipeline (queue, upstream, relay)."""
     app, ex = request.app, request[EXCHANGE]
     try:
-        parsed, ex.body, ex.slots = admit_body(await read_body(request), app[LIMITS])
+        parsed, ex.body, ex.slots, ex.model = admit_body(await read_body(request), app[LIMITS])
     except RequestRejected as exc:
         ex.rejected = "invalid"
-        return error_response(400, str(exc), exc.code, param=exc.param)
+        return error_response(exc.status, str(exc), exc.code, param=exc.param)
     ex.stream = parsed.get("stream") is True
     wire = AiohttpWire(request)
     await app[PIPELINE].run(ex, wire)
@@ -108,6 +108,7 @@ def add_routes(app: web.Application, passthrough: tuple[str, ...] = ()) -> None:
         app.router.add_post(path, proxy_json)
     for path in GET_ROUTES:
         app.router.add_get(path, proxy_get, allow_head=False)
+    app.router.add_get(MODEL_ROUTE, proxy_get, allow_head=False)
     for path in passthrough:
         for method in passthrough_methods(path):  # the one rule; Settings refused the routes it does not allow
             app.router.add_route(method, path, proxy_passthrough)

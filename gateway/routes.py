@@ -3,7 +3,9 @@ and the probes read it from here.
 
 - JSON_ROUTES: POST with a JSON object body (lifecycle.request_rules), admitted through the queue, streamed when
   the body says `"stream": true`; both lanes serve them.
-- GET_ROUTES: answered by llama-server, never queued; both lanes serve them.
+- GET_ROUTES: answered by llama-server (or the gateway's model list, gateway.models), never queued; both lanes
+  serve them. MODEL_ROUTE (`/v1/models/{id}`) takes the aiohttp lane.
+- ADMIN_ROUTES: model load, unload and refresh with several models (gateway.admin): an admin key only.
 - PROBES: the gateway's own (gateway.health, gateway.scrape): never queued, still answered while draining, and
   no key needed for /ping and /health (nor /metrics unless METRICS_AUTH_ENABLED).
 - The llama-server routes an operator opens with PASSTHROUGH_ROUTES (GET-only or GET and POST, as
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 JSON_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 GET_ROUTES = ("/v1/models",)
+MODEL_ROUTE = "/v1/models/{id}"
+ADMIN_ROUTES = ("/admin/models/load", "/admin/models/unload", "/admin/models/refresh")
 API_ROUTES = (*JSON_ROUTES, *GET_ROUTES)
 PROBES = frozenset({"/ping", "/health", "/metrics"})
 ALWAYS_PUBLIC = frozenset({"/ping", "/health"})

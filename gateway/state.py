@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.accesslog import AccessLog
-from gateway.admission import Admission
+from gateway.admission import Admissions
 from gateway.auth import KeyStore
 from gateway.connections import Connections
 from gateway.cors import Cors
@@ -29,7 +29,7 @@ KEYS = web.AppKey("keys", KeyStore)
 CORS = web.AppKey("cors", Cors)
 LIMITER = web.AppKey("limiter", SlidingWindow)
 FAILURES = web.AppKey("auth_failures", SlidingWindow)
-ADMISSION = web.AppKey("admission", Admission)
+ADMISSION = web.AppKey("admission", Admissions)
 DRAIN = web.AppKey("drain", Drain)
 METRICS = web.AppKey("metrics", Metrics)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)

@@ -37,7 +37,7 @@ SAMPLING_PARAMS: dict[str, tuple[type, ...]] = {
     "response_format": (dict,),
     "logit_bias": (dict, list),
 }
-_NATIVE_KEYS = {"messages", "prompt", "sampling_params", "stream"}
+_NATIVE_KEYS = {"messages", "prompt", "sampling_params", "stream", "model"}
 
 
 class JobInputError(ValueError):
@@ -97,7 +97,7 @@ def _native(job_input: dict[str, Any]) -> BackendCall:
     unknown = sorted(set(job_input) - _NATIVE_KEYS)
     if unknown:
         raise JobInputError(
-            f"unknown input keys {', '.join(unknown)}: use messages or prompt, sampling_params, stream "
+            f"unknown input keys {', '.join(unknown)}: use messages or prompt, sampling_params, stream, model "
             "(or openai_route with openai_input)"
         )
     messages, prompt = job_input.get("messages"), job_input.get("prompt")
@@ -118,6 +118,8 @@ def _native(job_input: dict[str, Any]) -> BackendCall:
             raise JobInputError(f"sampling_params.{key} must be {allowed}, not {type(value).__name__}")
     stream = _stream_flag(job_input.get("stream"), "stream")
     body: dict[str, Any] = {**params, "stream": stream}
+    if job_input.get("model") is not None:
+        body["model"] = job_input["model"]  # with several models (MODELS), the one the job is for
     if stream:
         body["stream_options"] = {"include_usage": True}
     if messages is not None:
@@ -147,5 +149,6 @@ def encode_body(call: BackendCall, limits: Limits) -> bytes | None:
     try:
         return admit_body(raw, limits)[1]
     except RequestRejected as exc:
-        where = "sampling_params." if call.native and exc.param else ("openai_input." if exc.param else "")
+        where = ("" if exc.param == "model" and call.native else "sampling_params." if call.native and exc.param
+                 else "openai_input." if exc.param else "")
         raise JobInputError(str(exc) if not exc.param else f"{where}{exc}") from None

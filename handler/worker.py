@@ -84,7 +84,7 @@ class JobHandler:
         self.settings = settings
         self.backend = backend
         self.backend_wait = settings.backend_wait if backend_wait is None else backend_wait
-        self.limits = Limits.from_settings(settings)
+        self.limits = Limits.from_settings(settings, backend if settings.models else None)
         self._upstreams: dict[asyncio.AbstractEventLoop, Upstream] = {}
 
     def _upstream(self) -> Upstream:

@@ -6,6 +6,8 @@
 - `client(...)` hands out upstream clients to llama-server. The per-boot key never leaves lifecycle/: nothing else
   can read it, from here or from the clients.
 - `classify(exc, pid)` says what a failed upstream request means: the one rule both request paths act on.
+- With several models (MODELS): `choose(requested)` picks a request's model (lifecycle.router), `models` is the
+  ModelSet served, `router` the router's statuses and load/unload, `refresh_models()` looks for new files.
 - Read-only state for /health, /metrics and the handler: `state`, `ready`, `up`, `pid`, `model_id`, `restarts`,
   `last_error`, `last_log_lines`, `offload`, `gone(pid)`; `gave_up` is set when the crash-loop policy
   (lifecycle.crashloop, BACKEND_CRASH_LOOP=exit) gives up, for the entry point to exit non-zero.
@@ -23,11 +25,12 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from lifecycle.downloads import ProvisionError
 from lifecycle.llama_server import ensure_llama_server, server_version
-from lifecycle.model import resolve_model
+from lifecycle.model import resolve_model, resolve_reference
+from lifecycle.router import ModelSet, Router, ServedModel, plan
 from lifecycle.settings import Settings
 from lifecycle.supervisor import BackendStartError, BackendState, Supervisor, config_files, ensure_writable_dir
 from lifecycle.upstream import (
@@ -79,6 +82,10 @@ async def off_loop(fn: Callable[[], T]) -> T:
     return await done
 
 
+class Pending(NamedTuple):
+    id: str
+
+
 class Backend:
     def __init__(
         self, settings: Settings, *, poll_interval: float = 0.25, clock: Callable[[], float] = time.monotonic
@@ -98,19 +105,43 @@ class Backend:
         finally:
             self._starting = None
 
-    def _provision(self) -> tuple[Path, Path]:
+    def _provision(self) -> tuple[Path, Path | ModelSet]:
         """What llama-server needs, in order; blocking (a first build takes minutes)."""
         settings = self.settings
         # An unwritable DATA_DIR fails first, with one line, before minutes of building or downloading.
         ensure_writable_dir(settings.log_dir, settings.data_dir)
         binary = ensure_llama_server(settings.llama_server_bin, settings.cache_dir, os.environ)
         version = server_version(binary)
-        model = resolve_model(settings)
-        log.info("llama-server %s (%s); model %s", binary, version, model)
+        model: Path | ModelSet
+        if settings.models:
+            model = self._plan()
+            log.info("llama-server %s (%s); router mode, models: %s (default %s)", binary, version,
+                     ", ".join(m.id for m in model.models), model.default)
+        else:
+            model = resolve_model(settings)
+            log.info("llama-server %s (%s); model %s", binary, version, model)
         for path in config_files(os.environ):
             log.warning("llama-server will also read its config file %s: settings there apply under the gateway's "
                         "own command line", path)
         return binary, model
+
+    def _plan(self) -> ModelSet:
+        return plan(self.settings, lambda ref: resolve_reference(ref, self.settings))
+
+    async def refresh_models(self) -> ModelSet:
+        """Plan MODELS again (new files in MODELS_DIR, a changed MODELS_PRESET) and have the router reload its
+        list. Raises START_ERRORS or SettingsError (the old list stays), UpstreamError."""
+        models = await off_loop(self._plan)
+        await self._supervisor.replace_models(models)
+        return models
+
+    def choose(self, requested: object) -> ServedModel | Pending:
+        """The model a request's `model` means (lifecycle.router.ModelSet.choose); before the models are planned,
+        a placeholder (the request then gets the backend's 503 while it loads)."""
+        models = self._supervisor.models
+        if models is None:
+            return Pending(requested if isinstance(requested, str) else "")
+        return models.choose(requested)
 
     async def stop(self) -> None:
         """Stop llama-server (SIGTERM, SIGKILL after BACKEND_STOP_TIMEOUT); a start() still running is cancelled
@@ -175,6 +206,14 @@ class Backend:
     @property
     def model_id(self) -> str | None:
         return self._supervisor.model_id
+
+    @property
+    def models(self) -> ModelSet | None:
+        return self._supervisor.models
+
+    @property
+    def router(self) -> Router | None:
+        return self._supervisor.router
 
     @property
     def restarts(self) -> int:

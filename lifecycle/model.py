@@ -72,6 +72,14 @@ def resolve_model(settings: Settings) -> Path:
     return default_model(settings.cache_dir)
 
 
+def resolve_reference(ref: str, settings: Settings) -> Path:
+    """One entry of MODELS as a local GGUF: a file name in MODELS_DIR."""
+    path = settings.models_dir / ref
+    if "/" in ref or not path.is_file():
+        raise _missing(path, "MODELS entry, a file in MODELS_DIR")
+    return path
+
+
 __all__ = ["ModelNotFound", "default_model", "gguf_files", "resolve_model", "sha256_of"]
 
 

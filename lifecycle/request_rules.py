@@ -8,8 +8,11 @@ serverless mode, through these functions alone.
    its aliases) by MAX_TOKENS, n (completions) by the slots one request may take, logprob counts, DRY sampler
    lists and ranges, stop and sampler lists, logit_bias size. A refusal names the field.
 3. `slots_needed(body)`: how many backend slots a request takes (n > 1 generates n completions in parallel).
-4. `prepare_body(body, raw, limits)`: the bytes to send; the same bytes unless a setting rewrites the request
-   (SHARED_PROMPT_CACHE=false turns llama-server's prompt reuse off for every request).
+4. `choose_model(body, limits)`: with several models (MODELS), the model the request's `model` means
+   (lifecycle.router.ModelSet.choose: the default for `any`, empty or missing; a 404 for an unknown name).
+5. `prepare_body(body, raw, limits, model)`: the bytes to send; the same bytes unless a setting rewrites the request
+   (SHARED_PROMPT_CACHE=false turns llama-server's prompt reuse off for every request; with several models the
+   `model` field becomes the chosen model's id, which the router routes on).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from lifecycle.settings import Settings
 
@@ -39,13 +42,26 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class RequestRejected(ValueError):
-    """A body we refuse with a 400; str() is the message, `param` the field it names (None for the whole body),
-    `code` the OpenAI-style error code."""
+    """A body we refuse with `status` (400 unless said); str() is the message, `param` the field it names (None for
+    the whole body), `code` the OpenAI-style error code."""
 
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request") -> None:
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request",
+                 status: int = 400) -> None:
         super().__init__(message)
         self.param = param
         self.code = code
+        self.status = status
+
+
+class Chosen(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+class ModelChooser(Protocol):
+    """What picks the model of a request (lifecycle.backend.Backend with several models)."""
+
+    def choose(self, requested: object) -> Chosen: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,14 +72,16 @@ class Limits:
     max_slots: int  # the most backend slots one request may take (n)
     max_dry_penalty_last_n: int
     shared_prompt_cache: bool = True
+    models: ModelChooser | None = None  # several models (MODELS): picks each request's model
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Limits:
+    def from_settings(cls, settings: Settings, models: ModelChooser | None = None) -> Limits:
         return cls(
             max_tokens=settings.max_tokens,
             max_slots=max(1, min(settings.parallel, settings.max_concurrent_requests)),
             max_dry_penalty_last_n=settings.ctx or 1 << 20,  # unset or 0: the model's own, not known here
             shared_prompt_cache=settings.shared_prompt_cache,
+            models=models,
         )
 
 
@@ -193,15 +211,35 @@ def slots_needed(body: dict[str, Any]) -> int:
     return 1
 
 
-def prepare_body(body: dict[str, Any], raw: bytes, limits: Limits) -> bytes:
+def choose_model(body: dict[str, Any], limits: Limits) -> str | None:
+    """The id of the model the request is for, with several models; None with one (its `model` is not read)."""
+    if limits.models is None:
+        return None
+    return limits.models.choose(body.get("model")).id
+
+
+def prepare_body(body: dict[str, Any], raw: bytes, limits: Limits, model: str | None = None) -> bytes:
     """What goes to llama-server: `raw` as received, unless a setting changes the request."""
-    if limits.shared_prompt_cache or body.get("cache_prompt") is False:
+    changes: dict[str, Any] = {}
+    if not limits.shared_prompt_cache and body.get("cache_prompt") is not False:
+        changes["cache_prompt"] = False
+    if model is not None and body.get("model") != model:
+        changes["model"] = model
+    if not changes:
         return raw
-    return json.dumps({**body, "cache_prompt": False}, ensure_ascii=False, separators=(",", ":")).encode()
+    return json.dumps({**body, **changes}, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def admit_body(raw: bytes, limits: Limits) -> tuple[dict[str, Any], bytes, int]:
-    """All of the above in order, for a route whose body is a JSON object: (parsed body, bytes to send, slots)."""
+class Prepared(NamedTuple):
+    body: dict[str, Any]  # the parsed request
+    raw: bytes  # the bytes to send
+    slots: int  # backend slots it takes
+    model: str | None  # the chosen model's id with several models, else None
+
+
+def admit_body(raw: bytes, limits: Limits) -> Prepared:
+    """All of the above in order, for a route whose body is a JSON object."""
     body = parse_json_object(raw)
     check_fields(body, limits)
-    return body, prepare_body(body, raw, limits), slots_needed(body)
+    model = choose_model(body, limits)
+    return Prepared(body, prepare_body(body, raw, limits, model), slots_needed(body), model)

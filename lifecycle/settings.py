@@ -88,12 +88,17 @@ def backend_flag_name(arg: str) -> str | None:
     return name.replace("_", "-") if name.startswith("--") else name
 
 
-def check_extra_args(extra_args: Iterable[str]) -> None:
-    """Refuse the EXTRA_ARGS flags that rebind, unlock or arm the backend (REFUSED_BACKEND_FLAGS)."""
-    for arg in extra_args:
+def check_backend_flags(args: Iterable[str], where: str) -> None:
+    """Refuse the llama-server flags that rebind, unlock or arm the backend (REFUSED_BACKEND_FLAGS): the one rule
+    for EXTRA_ARGS and for the keys of MODELS_PRESET (lifecycle.router), `where` names the source."""
+    for arg in args:
         name = backend_flag_name(arg)
         if name is not None and name in REFUSED_BACKEND_FLAGS:
-            raise SettingsError(f"EXTRA_ARGS may not contain {name}: {REFUSED_BACKEND_FLAGS[name]}")
+            raise SettingsError(f"{where} may not contain {name}: {REFUSED_BACKEND_FLAGS[name]}")
+
+
+def check_extra_args(extra_args: Iterable[str]) -> None:
+    check_backend_flags(extra_args, "EXTRA_ARGS")
 
 
 # llama-server routes that act on the host or change its state (tools, the CORS proxy, saving or erasing slots,
@@ -264,6 +269,25 @@ VARIABLES: tuple[Var, ...] = (
         doc="GGUF file name, looked up in `MODELS_DIR`. A plain file name (no `/`)."),
     Var("MODEL_PATH", "model", "path", doc="Full path to a GGUF file; wins over `MODEL_NAME`."),
     Var("MODELS_DIR", "model", "path", shown=f"`$DATA_DIR/{MODELS_SUBDIR}`", doc="Where `MODEL_NAME` is looked up."),
+    # Several models (llama-server's router mode)
+    Var("MODELS", "models", "list", (), new=True,
+        doc="Serve several models at once through llama-server's router mode: `all` (every GGUF in `MODELS_DIR`) "
+            "or a comma-separated list of file names in `MODELS_DIR`, `org/repo[:QUANT]` references and URLs. "
+            "The request's `model` picks one. Unset: one model, exactly as before. See "
+            "[MODELS.md](MODELS.md#several-models-at-once)."),
+    Var("DEFAULT_MODEL", "models", "str", new=True,
+        doc="With `MODELS`: the model for requests whose `model` is `any`, empty or missing (an id, file name or "
+            "alias). Default: the first listed."),
+    Var("MODELS_MAX", "models", "int", 4, minimum=0, new=True,
+        doc="With `MODELS`: how many models are loaded at once (`--models-max`; 0 = no limit); the least recently "
+            "used is unloaded first."),
+    Var("MODEL_IDLE_TIMEOUT", "models", "int", -1, minimum=-1, new=True,
+        doc="With `MODELS`: seconds of idleness after which a model sleeps (its memory freed; the next request "
+            "wakes it) (`--sleep-idle-seconds`; -1 = never)."),
+    Var("MODELS_PRESET", "models", "path", new=True,
+        doc="With `MODELS`: per-model llama-server arguments, in llama-server's preset INI format (a section per "
+            "model id, file name or alias; `[*]` for all). Keys are llama-server flags without dashes; the flags "
+            "`EXTRA_ARGS` may not hold are refused here too."),
     # Paths
     Var("DATA_DIR", "paths", "path", shown="detected",
         doc="Base directory for models, logs and the keys file. Must be writable (logs go there): if it is not, "
@@ -477,6 +501,11 @@ class Settings:
     models_dir: Path = setting("MODELS_DIR", required=True)
     model_name: str | None = setting("MODEL_NAME")
     model_path: Path | None = setting("MODEL_PATH")
+    models: tuple[str, ...] = setting("MODELS")
+    default_model: str | None = setting("DEFAULT_MODEL")
+    models_max: int = setting("MODELS_MAX")
+    model_idle_timeout: int = setting("MODEL_IDLE_TIMEOUT")
+    models_preset: Path | None = setting("MODELS_PRESET")
     cache_dir: Path = setting("LLAMA_GGUF_CACHE_DIR", factory=lambda: default_cache_dir(os.environ))
     llama_server_bin: Path | None = setting("LLAMA_SERVER_BIN")
 

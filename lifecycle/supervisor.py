@@ -40,6 +40,7 @@ from pathlib import Path
 
 from lifecycle import offload
 from lifecycle.crashloop import CrashLoop
+from lifecycle.router import ModelSet, Router, preset_text
 from lifecycle.settings import Settings
 from lifecycle.upstream import Upstream, UpstreamError
 
@@ -218,6 +219,57 @@ def backend_command(settings: Settings, binary: Path, model: Path) -> list[str]:
     return cmd + list(settings.extra_args)
 
 
+def router_defaults(settings: Settings) -> dict[str, str]:
+    """What backend_command gives one model, as preset options for every model of the router (its [*] section,
+    which MODELS_PRESET may change per model)."""
+    extra = settings.extra_args
+    options = {"n-gpu-layers": "auto" if settings.ngl is None else str(settings.ngl)}
+    if settings.ctx is not None:
+        options["ctx-size"] = str(settings.ctx)
+    if not offload.has_flag(extra, offload.FIT_FLAGS):
+        options["fit"] = "on"
+    options["parallel"] = str(settings.parallel)
+    if settings.threads:
+        options["threads"] = str(settings.threads)
+    if not offload.has_flag(extra, offload.KV_UNIFIED_FLAGS):
+        options["kv-unified"] = "true"
+    return options
+
+
+def router_command(settings: Settings, binary: Path, preset: Path) -> list[str]:
+    """llama-server in router mode (MODELS): the models come from our preset file, each loaded in its own child on
+    127.0.0.1 that inherits these arguments (which win over any preset's) and the per-boot key."""
+    cmd = [
+        str(binary),
+        "--host", "127.0.0.1",
+        "--port", str(settings.port_backend),
+        "--models-preset", str(preset),
+        "--models-max", str(settings.models_max),
+        "-n", str(settings.max_tokens),
+    ]
+    if settings.model_idle_timeout >= 0:
+        cmd += ["--sleep-idle-seconds", str(settings.model_idle_timeout)]
+    if "--metrics" not in settings.extra_args:
+        cmd.append("--metrics")
+    return cmd + list(settings.extra_args)
+
+
+def router_files(settings: Settings) -> tuple[Path, Path]:
+    """Where the router's preset file goes, and the empty folder its own model-cache scan is pointed at."""
+    folder = settings.cache_dir / "router" / str(settings.port_backend)
+    return folder / "models.ini", folder / "empty-cache"
+
+
+def write_preset(settings: Settings, models: ModelSet) -> Path:
+    """Write the router's preset file (atomically: a reload never reads half of it); blocking."""
+    preset, empty = router_files(settings)
+    empty.mkdir(parents=True, exist_ok=True)
+    partial = preset.with_suffix(".ini.partial")
+    partial.write_text(preset_text(models, router_defaults(settings)), encoding="utf-8")
+    partial.replace(preset)
+    return preset
+
+
 def _watch_ended(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("the llama-server watch failed; restarts stop", exc_info=task.exception())
@@ -238,6 +290,8 @@ class Supervisor:
         self.settings = settings
         self.binary: Path | None = None
         self.model: Path | None = None
+        self.models: ModelSet | None = None  # several models: llama-server runs as a router (MODELS)
+        self.router: Router | None = None
         self.poll_interval = poll_interval
         self.clock = clock
         self._state = BackendState.STOPPED
@@ -284,6 +338,8 @@ class Supervisor:
 
     @property
     def model_id(self) -> str | None:
+        if self.models is not None:
+            return self.models.default
         return self.model.name if self.model else None
 
     async def gone(self, pid: int | None, within: float = 2.0) -> bool:
@@ -308,12 +364,18 @@ class Supervisor:
 
     # --- start ---------------------------------------------------------------------------------------------------
 
-    async def start(self, binary: Path, model: Path) -> None:
+    async def start(self, binary: Path, model: Path | ModelSet) -> None:
         """Spawn llama-server and return once it is ready (invariant 5); then watch it. Once per Supervisor.
+        `model` is the one GGUF to serve, or a ModelSet for router mode (MODELS).
         On failure (BackendStartError, or cancelled) the child is stopped and the state is STOPPED."""
         if self._proc is not None or self._teardown is not None:
             raise StateError("a Supervisor starts once")
-        self.binary, self.model = binary, model
+        if isinstance(model, ModelSet):
+            self.binary, self.models = binary, model
+            self.model = model.get(model.default).path  # type: ignore[union-attr]
+            self.router = Router(self.client)
+        else:
+            self.binary, self.model = binary, model
         self._enter(BackendState.LOADING)
         self.started_at = self.clock()
         try:
@@ -332,9 +394,15 @@ class Supervisor:
     async def _spawn_and_wait(self) -> None:
         assert self.binary is not None and self.model is not None
         self.log_path = server_log_path(self.settings.log_dir)
-        cmd = backend_command(self.settings, self.binary, self.model)
-        self.offload = offload.pending(cmd)
         env, dropped = backend_env(os.environ, self._api_key)
+        if self.models is not None:
+            preset = await asyncio.to_thread(write_preset, self.settings, self.models)
+            cmd = router_command(self.settings, self.binary, preset)
+            env["LLAMA_CACHE"] = str(router_files(self.settings)[1])  # the router lists our preset's models only
+            self.offload = None  # chosen per model, by each model's own llama-server
+        else:
+            cmd = backend_command(self.settings, self.binary, self.model)
+            self.offload = offload.pending(cmd)
         if dropped:
             log.warning("not passed to llama-server (use EXTRA_ARGS for its flags): %s", ", ".join(dropped))
         log.info("starting llama-server on 127.0.0.1:%d; log: %s", self.settings.port_backend, self.log_path)
@@ -362,7 +430,8 @@ class Supervisor:
             await self._proc.wait()
             raise BackendStartError("llama-server was stopped while it started")
         await self._wait_ready()
-        await self._record_offload(cmd, log_offset)
+        if self.models is None:
+            await self._record_offload(cmd, log_offset)
 
     async def _record_offload(self, cmd: list[str], log_offset: int) -> None:
         """Fill `offload` from GET /props (n_ctx) and the start-up log (layers, buffers, --fit); log it."""
@@ -382,6 +451,15 @@ class Supervisor:
         facts = await asyncio.to_thread(offload.read_server_log, self.log_path, log_offset)
         self.offload = offload.summary(cmd, self.settings.extra_args, facts, n_ctx_slot, total_slots)
         log.info("%s", offload.describe(self.offload))
+
+    async def replace_models(self, models: ModelSet) -> None:
+        """Serve `models` from now on: rewrite the preset file and have the router reload its list (a loaded
+        model whose file went away is unloaded by the router)."""
+        if self.router is None:
+            raise StateError("not in router mode")
+        await asyncio.to_thread(write_preset, self.settings, models)
+        self.models = models
+        await self.router.refresh(reload=True)
 
     async def _probe(self, ours: Upstream, strangers: list[Upstream]) -> bool | None:
         """True: our llama-server is ready. None: nothing ready answers yet. False: whatever answers on PORT_BACKEND
@@ -494,6 +572,8 @@ class Supervisor:
                 log.warning("llama-server ignored SIGTERM for %.0fs; killing it", self.settings.stop_timeout)
                 self._signal(proc.pid, signal.SIGKILL)
                 await proc.wait()
+        if self.router is not None:
+            await self.router.close()
         self._enter(BackendState.STOPPED)
 
     @staticmethod

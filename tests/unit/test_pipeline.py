@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.admission import Admission
+from gateway.admission import Admissions
 from gateway.metrics import Metrics
 from gateway.observe import JSON, SSE, Observer
 from gateway.pipeline import Exchange, Pipeline
@@ -110,7 +110,7 @@ def make(tmp_path: Path, upstream: Any, capacity: int = 2, **env: str) -> tuple[
     backend = FakeBackend()
     metrics = Metrics(CollectorRegistry())
     observer = Observer(metrics, None, lambda: "model")
-    pipeline = Pipeline(settings, backend, upstream, Admission(capacity, 0, 0.05), metrics,  # type: ignore[arg-type]
+    pipeline = Pipeline(settings, backend, upstream, Admissions(capacity, 0, 0.05), metrics,  # type: ignore[arg-type]
                         Stats(), observer)
     return pipeline, observer
 
@@ -152,7 +152,7 @@ def test_a_request_that_gets_no_slot_in_time_is_a_503_queue_timeout(tmp_path: Pa
     pipeline, _ = make(tmp_path, FakeUpstream(Reply(200, "application/json", b"{}")), capacity=1)
 
     async def scenario() -> None:
-        await pipeline.admission.acquire(1)  # the only slot is held
+        await pipeline.admission.of(None).acquire(1)  # the only slot is held
         ex, wire = exchange(), FakeWire()
         await pipeline.run(ex, wire)
         (status, _, body, headers), = wire.sent

@@ -110,7 +110,7 @@ def test_shared_prompt_cache_off_rewrites_only_what_it_must() -> None:
     off = Limits(512, 4, 4096, shared_prompt_cache=False)
     assert prepare_body({"prompt": "hi"}, raw, LIMITS) is raw
     assert json.loads(prepare_body({"prompt": "hi"}, raw, off)) == {"prompt": "hi", "cache_prompt": False}
-    _, sent, slots = admit_body(b'{"prompt": "caf\xc3\xa9", "n": 2}', off)
+    _, sent, slots, _ = admit_body(b'{"prompt": "caf\xc3\xa9", "n": 2}', off)
     assert json.loads(sent) == {"prompt": "café", "n": 2, "cache_prompt": False} and slots == 2
 
 
