@@ -252,7 +252,9 @@ async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _observer_ctx(app: web.Application) -> AsyncIterator[None]:
     """After the access log opens and before it closes, so the last batch still reaches it."""
     backend = app[BACKEND]
-    observer = Observer(app[METRICS], app.get(ACCESS_LOG), lambda: backend.model_id)
+    # the one model's id labels every request; with several models (MODELS) each request names its own
+    single = not app[SETTINGS].models
+    observer = Observer(app[METRICS], app.get(ACCESS_LOG), lambda: backend.model_id if single else None)
     app[OBSERVER] = observer
     yield
     observer.flush()

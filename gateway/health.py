@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway.admission import Admissions
 from gateway.auth import caller_key
 from gateway.drain import Drain
 from gateway.requestid import HEADER as REQUEST_ID_HEADER
 from gateway.requestid import RequestIds
 from gateway.state import ADMISSION, BACKEND, DRAIN, KEYS, SETTINGS
+from lifecycle.backend import Backend
+from lifecycle.upstream import UpstreamError
 
 log = logging.getLogger("gateway.health")
 
@@ -43,11 +47,31 @@ async def health(request: web.Request) -> web.Response:
         # what llama-server was asked and chose for GPU layers and context (lifecycle.offload.summary)
         "offload": backend.offload,
     }
+    if backend.models is not None and backend.router is not None:
+        body["models"] = await model_states(backend, admission)
     if backend.last_error and not backend.ready:
         body["error"] = backend.last_error
         if may_see_backend_log(request):  # llama-server's log can quote what other callers sent
             body["log_tail"] = backend.last_log_lines[-10:]
     return web.json_response(body, status=200 if ok else 503)
+
+
+async def model_states(backend: Backend, admission: Admissions) -> dict[str, dict[str, object]]:
+    """Several models: each one's router status and its own slots and queue."""
+    router, models = backend.router, backend.models
+    assert router is not None and models is not None
+    if backend.ready:
+        with contextlib.suppress(UpstreamError):  # else the statuses last seen
+            await router.status(models.default)  # fetched again when older than STATUS_TTL
+    states: dict[str, dict[str, object]] = {}
+    for model in models.models:
+        gate = admission.of(model.id)
+        status = router.statuses.get(model.id)
+        states[model.id] = {"status": status.value if status else "unloaded", "active": gate.active,
+                            "depth": gate.depth}
+        if status is not None and status.failed:
+            states[model.id]["failed"] = True
+    return states
 
 
 def may_see_backend_log(request: web.Request) -> bool:

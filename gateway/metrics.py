@@ -28,6 +28,7 @@ from gateway.routes import API_ROUTES
 log = logging.getLogger("gateway.metrics")
 
 OTHER = "other"
+MODEL_STATES = ("loaded", "loading", "sleeping", "unloaded")  # the router's statuses of a served model
 NO_KEY = "none"  # key_id of requests refused before a key was known
 REJECTION_REASONS = ("auth", "rate", "queue_full", "queue_timeout", "size", "invalid", "connections", OTHER)
 MAX_KEY_IDS = 1000
@@ -136,8 +137,9 @@ class _Series(Collector):
 
     def collect(self) -> list[Metric]:
         m = self.m
-        requests = CounterMetricFamily("gateway_requests", "Requests answered, by route, HTTP status and API key id",
-                                       labels=("route", "status", "key_id"))
+        requests = CounterMetricFamily("gateway_requests",
+                                       "Requests answered, by route, HTTP status, API key id and model",
+                                       labels=("route", "status", "key_id", "model"))
         for labels, value in list(m.requests.items()):
             requests.add_metric(labels, value)
         rejected = CounterMetricFamily("gateway_rejections", "Requests refused by the gateway itself, by reason",
@@ -158,7 +160,7 @@ class _Series(Collector):
                                      "route", m.duration)
         ttft = _histogram_family("gateway_time_to_first_token_seconds",
                                  "Streams: time from the request's arrival to the first event from the model",
-                                 "route", m.ttft)
+                                 ("route", "model"), m.ttft)
         queue_wait = _histogram_family("gateway_queue_wait_seconds", "Time admitted requests waited for a slot",
                                        None, {(): m.queue_wait})
         speed = _histogram_family("gateway_generation_tokens_per_second",
@@ -168,9 +170,11 @@ class _Series(Collector):
 
 
 def _histogram_family(
-    name: str, documentation: str, label: str | None, children: Mapping[tuple[str, ...], _Histogram]
+    name: str, documentation: str, label: str | tuple[str, ...] | None,
+    children: Mapping[tuple[str, ...], _Histogram],
 ) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, documentation, labels=(label,) if label else ())
+    names = (label,) if isinstance(label, str) else (label or ())
+    family = HistogramMetricFamily(name, documentation, labels=names)
     for labels, hist in list(children.items()):
         buckets, total = hist.snapshot()
         family.add_metric(list(labels), buckets, total)
@@ -200,12 +204,11 @@ class Metrics:
         self.completion_tokens = 0
         # Children that exist from the first scrape, so rate() and the dashboard see zeros rather than nothing.
         self.rejections = dict.fromkeys(REJECTION_REASONS, 0)
-        self.requests: dict[tuple[str, str, str], int] = {}
+        self.requests: dict[tuple[str, str, str, str], int] = {}
         self.prompt: dict[tuple[str, str], int] = {}
         self.completion: dict[tuple[str, str], int] = {}
         self.duration = {(route,): _Histogram(DURATION_BUCKETS) for route in (*self.routes, OTHER)}
-        self.ttft = {(route,): _Histogram(TTFT_BUCKETS) for route in ("/v1/chat/completions", "/v1/completions")
-                     if route in self.routes}
+        self.ttft: dict[tuple[str, str], _Histogram] = {}  # by (route, model): a child per model that streamed
         self.queue_wait = _Histogram(QUEUE_WAIT_BUCKETS)
         self.speed = _Histogram(TOKENS_PER_SECOND_BUCKETS)
         started = clock()
@@ -213,6 +216,13 @@ class Metrics:
         r.register(_Series(self))
         self.queue_depth = Gauge("gateway_queue_depth", "Requests waiting for a slot", registry=r)
         self.in_flight = Gauge("gateway_requests_in_flight", "Requests holding a slot", registry=r)
+        # Several models (MODELS): one child per served model (and state), so bounded by the models served.
+        self.model_state = Gauge("gateway_model_state", "1 for the state each served model is in (router mode)",
+                                 ("model", "state"), registry=r)
+        self.model_queue_depth = Gauge("gateway_model_queue_depth", "Requests waiting for a slot, per model",
+                                       ("model",), registry=r)
+        self.model_in_flight = Gauge("gateway_model_requests_in_flight", "Requests holding a slot, per model",
+                                     ("model",), registry=r)
         uptime = Gauge("gateway_uptime_seconds", "Seconds since the gateway started", registry=r)
         uptime.set_function(lambda: clock() - started)
         self._backend = _BackendCollector()
@@ -225,15 +235,21 @@ class Metrics:
     def key_id(self, key_id: str | None) -> str:
         return self.key_ids(key_id) if key_id else NO_KEY
 
-    def observe_request(self, route: str, status: int | str, key_id: str | None, duration_s: float) -> None:
+    def observe_request(
+        self, route: str, status: int | str, key_id: str | None, duration_s: float, model: str | None = None
+    ) -> None:
         """Once per answered request; `route` may be the raw path (it is mapped onto the fixed set)."""
         route = self.routes.get(route, OTHER)
-        labels = (route, str(status), self.key_id(key_id))
+        labels = (route, str(status), self.key_id(key_id), self.model(model))
         self.requests[labels] = self.requests.get(labels, 0) + 1
         self.duration[(route,)].observe(duration_s)
 
-    def observe_ttft(self, route: str, seconds: float) -> None:
-        labels = (self.routes.get(route, OTHER),)
+    def model(self, model: str | None) -> str:
+        """The model label: the served model's id (bounded like key ids), or "none" for a request for none."""
+        return self.models(model) if model else NO_KEY
+
+    def observe_ttft(self, route: str, seconds: float, model: str | None = None) -> None:
+        labels = (self.routes.get(route, OTHER), self.model(model))
         hist = self.ttft.get(labels)
         if hist is None:
             hist = self.ttft[labels] = _Histogram(TTFT_BUCKETS)
@@ -266,6 +282,14 @@ class Metrics:
 
     def set_in_flight(self, n: int) -> None:
         self.in_flight.set(n)
+
+    def set_model_states(self, states: Mapping[str, Mapping[str, object]]) -> None:
+        """gateway.health.model_states' view: each model's status, slots held and queue."""
+        for model, state in states.items():
+            for name in MODEL_STATES:
+                self.model_state.labels(model, name).set(1 if state["status"] == name else 0)
+            self.model_queue_depth.labels(model).set(state["depth"])  # type: ignore[arg-type]
+            self.model_in_flight.labels(model).set(state["active"])  # type: ignore[arg-type]
 
     def set_backend_source(self, source: BackendSource) -> None:
         """`source()` -> (up, ready, restarts), called at scrape time: lambda: (sup.up, sup.ready, sup.restarts)."""
@@ -344,13 +368,25 @@ def negotiate(accept_header: str | None, requested: str | None = None) -> str:
 BACKEND_PREFIX = "llamacpp:"
 
 
-def relabel_backend_metrics(text: str) -> str:
-    """Only llama-server's `llamacpp:*` series (HELP, TYPE and sample lines) of its /metrics text, ready to append."""
-    kept = [
-        line for line in text.splitlines()
-        if line.startswith(BACKEND_PREFIX)
-        or ((line.startswith("# HELP ") or line.startswith("# TYPE ")) and line[7:].startswith(BACKEND_PREFIX))
-    ]
+def relabel_backend_metrics(text: str, model: str | None = None, headers: bool = True) -> str:
+    """Only llama-server's `llamacpp:*` series (HELP, TYPE and sample lines) of its /metrics text, ready to append.
+    With several models, `model` (a served model's id) is added as a label to each sample, and `headers=False`
+    drops HELP and TYPE (given once, with the first model's)."""
+    kept = []
+    label = None if model is None else 'model="' + model.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    for line in text.splitlines():
+        if line.startswith(BACKEND_PREFIX):
+            if label is not None:
+                name, sep, rest = line.partition("{")
+                if sep:
+                    line = f"{name}{{{label},{rest}"
+                else:
+                    name, _, value = line.partition(" ")
+                    line = f"{name}{{{label}}} {value}"
+            kept.append(line)
+        elif headers and (line.startswith("# HELP ") or line.startswith("# TYPE ")) and \
+                line[7:].startswith(BACKEND_PREFIX):
+            kept.append(line)
     return "\n".join(kept) + "\n" if kept else ""
 
 

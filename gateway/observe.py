@@ -46,6 +46,7 @@ class Observed(NamedTuple):
     rejected: str | None
     ttft: float | None
     answer: Answer | None
+    model: str | None = None
 
 
 class Observer:
@@ -60,11 +61,12 @@ class Observer:
 
     def record(
         self, path: str, method: str, status: int, key_id: str | None, duration: float, request_id: str,
-        rejected: str | None, ttft: float | None, answer: Answer | None,
+        rejected: str | None, ttft: float | None, answer: Answer | None, model: str | None = None,
     ) -> None:
+        """`model`: the request's model with several models; else the one model_id() serves."""
         pending = self._pending
         pending.append(Observed(path, method, status, key_id, duration, time.time() - duration, request_id,
-                                rejected, ttft, answer))
+                                rejected, ttft, answer, model))
         if len(pending) >= BATCH:
             self.flush()
         elif self._timer is None:
@@ -77,13 +79,14 @@ class Observer:
         batch, self._pending = self._pending, []
         if not batch:
             return
-        metrics, access_log, model = self.metrics, self.access_log, self.model_id()
+        metrics, access_log, served = self.metrics, self.access_log, self.model_id()
         for item in batch:
             try:
+                model = item.model or served
                 usage = _usage(item.answer)
                 if usage is not None:
                     metrics.observe_tokens(item.key_id, model, *usage)
-                metrics.observe_request(item.path, item.status, item.key_id, item.duration)
+                metrics.observe_request(item.path, item.status, item.key_id, item.duration, model)
                 if item.rejected is not None:
                     metrics.reject(item.rejected)
                 if access_log is not None:

@@ -126,7 +126,7 @@ class Pipeline:
         if counted(ex.path):
             self.stats.end(status)
         self.observer.record(ex.path, ex.method, status, ex.key_id, time.monotonic() - ex.started, ex.request_id,
-                             ex.rejected, ex.ttft, ex.answer)
+                             ex.rejected, ex.ttft, ex.answer, ex.model)
 
     # --- the exchange --------------------------------------------------------------------------------------------
 
@@ -283,7 +283,7 @@ class Pipeline:
             ex.answer = Answer(SSE, bytes(tail))
             if tail.first_at is not None:
                 ex.ttft = tail.first_at - ex.started
-                self.metrics.observe_ttft(ex.path, ex.ttft)
+                self.metrics.observe_ttft(ex.path, ex.ttft, ex.model or self.backend.model_id)
         if not client_left:
             await wire.close()
 

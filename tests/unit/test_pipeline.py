@@ -70,6 +70,9 @@ class FakeBackend:
     def __init__(self) -> None:
         self.state = BackendState.READY
         self.pid: int | None = None
+        self.model_id = "model"
+        self.models = None  # one model
+        self.router = None
 
     @property
     def ready(self) -> bool:
