@@ -31,7 +31,7 @@ from lifecycle.downloads import ProvisionError
 from lifecycle.llama_server import ensure_llama_server, server_version
 from lifecycle.model import resolve_model, resolve_reference
 from lifecycle.router import ModelSet, Router, ServedModel, plan
-from lifecycle.settings import Settings
+from lifecycle.settings import Settings, SettingsError
 from lifecycle.supervisor import BackendStartError, BackendState, Supervisor, config_files, ensure_writable_dir
 from lifecycle.upstream import (
     Upstream,
@@ -126,7 +126,10 @@ class Backend:
         return binary, model
 
     def _plan(self) -> ModelSet:
-        return plan(self.settings, lambda ref: resolve_reference(ref, self.settings))
+        try:
+            return plan(self.settings, lambda ref: resolve_reference(ref, self.settings))
+        except SettingsError as exc:  # MODELS_PRESET, DEFAULT_MODEL or names that clash: one line, exit 1
+            raise ProvisionError(str(exc)) from None
 
     async def refresh_models(self) -> ModelSet:
         """Plan MODELS again (new files in MODELS_DIR, a changed MODELS_PRESET) and have the router reload its
