@@ -98,7 +98,7 @@ def pip_download(requirement: str, filename: str, sha256: str, dest: Path, *, sd
 # --- HTTP downloads ---------------------------------------------------------------------------------------------
 
 MB = 1_000_000
-CHUNK = 1 << 20
+CHUNK = 1 << 16  # small reads: a dropped connection loses at most one (urllib3 drops a short last read)
 RETRIES = 5  # dropped connections in a row (with no new bytes between them) before giving up
 DISK_MARGIN = 64 * MB  # free space left over after a download
 SHA256 = re.compile(r"[0-9a-f]{64}")

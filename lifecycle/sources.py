@@ -25,6 +25,7 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 RUNPOD_HF_CACHE = Path("/runpod-volume/huggingface-cache/hub")  # RunPod's cached models (a Hugging Face cache)
 DEFAULT_ENDPOINT = "https://huggingface.co"
 REVISION = "main"
+USER_AGENT = "llama-gguf-inference"
 
 
 class ModelNotFound(ProvisionError):
@@ -182,11 +184,20 @@ def hub_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
+def _hf() -> Any:
+    """huggingface_hub, with its telemetry off unless HF_HUB_DISABLE_TELEMETRY says otherwise: it would fetch a
+    registry from huggingface.co (whatever HF_ENDPOINT says) before the first request, stalling 3 s offline."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    if "HF_HUB_DISABLE_TELEMETRY" not in os.environ:
+        huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = True
+    return huggingface_hub
+
+
 def hub_token() -> str | None:
     """HF_TOKEN, else the token `hf auth login` saved (huggingface_hub finds both). Never log it."""
-    from huggingface_hub import get_token
-
-    return get_token()
+    return _hf().get_token()
 
 
 def _host(url: str) -> str:
@@ -205,7 +216,7 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 def _hub_error(exc: BaseException, repo: str, file: str | None, endpoint: str, token: bool,
                files: list[str] | None = None) -> ModelSourceError:
     """huggingface_hub's (or requests') exception as one message naming the repo, the file and the cause."""
-    from huggingface_hub import errors as hf
+    hf = _hf().errors
 
     what = f"{repo}/{file}" if file else repo
     listed = f"; its GGUF files: {', '.join(_ggufs(files)) or 'none'}" if files is not None else ""
@@ -250,13 +261,14 @@ def _cause(exc: BaseException) -> str:
 def download_from_hub(repo: str, settings: Settings, quant: str | None = None, file: str | None = None) -> Path:
     """List `repo` on the Hub, choose the model's files and download each into MODELS_DIR/<org>--<repo>/ (the
     ones already there are kept). Returns the first file's path."""
-    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+    hf = _hf()
     from huggingface_hub.utils import build_hf_headers
 
     endpoint = hub_endpoint()
     token = hub_token()
     try:
-        info = HfApi(endpoint=endpoint, token=token or False).model_info(repo, revision=REVISION)
+        api = hf.HfApi(endpoint=endpoint, token=token or False, library_name=USER_AGENT)
+        info = api.model_info(repo, revision=REVISION)
     except Exception as exc:
         raise _hub_error(exc, repo, file, endpoint, bool(token)) from None
     files = [sibling.rfilename for sibling in info.siblings or []]
@@ -268,12 +280,12 @@ def download_from_hub(repo: str, settings: Settings, quant: str | None = None, f
         if target.is_file():
             continue
         try:
-            meta = get_hf_file_metadata(hf_hub_url(repo, name, revision=commit, endpoint=endpoint),
-                                        token=token or False, endpoint=endpoint)
+            meta = hf.get_hf_file_metadata(hf.hf_hub_url(repo, name, revision=commit, endpoint=endpoint),
+                                           token=token or False, endpoint=endpoint, library_name=USER_AGENT)
             sha256 = meta.etag if meta.etag and SHA256.fullmatch(meta.etag) else None
             location = meta.location
             same_host = _host(location) == _host(endpoint)
-            headers = build_hf_headers(token=(token or False) if same_host else False)
+            headers = build_hf_headers(token=(token or False) if same_host else False, library_name=USER_AGENT)
             download_file(location, target, label=f"{repo}/{name}", headers=headers, sha256=sha256, size=meta.size)
         except Exception as exc:
             if isinstance(exc, DownloadError) and exc.status is None:
