@@ -461,3 +461,67 @@ def test_download_error_is_a_provision_error() -> None:
 
     assert issubclass(ModelSourceError, DownloadError) and issubclass(DownloadError, ProvisionError)
     assert issubclass(ModelNotFound, ProvisionError)
+
+
+# --- pieces: progress lines, reference syntax -----------------------------------------------------------------------
+
+
+def test_progress_lines_are_rate_limited() -> None:
+    from lifecycle.downloads import Progress
+
+    now = [0.0]
+    progress = Progress("m.gguf", 100_000_000, bar=False, clock=lambda: now[0])
+    for _ in range(100):  # 1 MB every 0.1 s: 10 MB/s for 10 s
+        now[0] += 0.1
+        progress.update(1_000_000)
+    progress.close()
+    lines = progress.lines
+    assert lines[0] == "downloading m.gguf (100.0 MB)"
+    assert lines[-1].startswith("m.gguf: done, 100.0 MB in 10s")
+    middle = lines[1:-1]
+    assert 4 <= len(middle) <= 5  # one each 20% (2 s apart at most), not one per update
+    assert middle[0].startswith("m.gguf: 20% (20.0 MB of 100.0 MB) at 10.0 MB/s, ETA 8s")
+
+
+def test_progress_without_a_size_and_quiet_stretches() -> None:
+    from lifecycle.downloads import Progress
+
+    now = [0.0]
+    progress = Progress("m.gguf", None, bar=False, clock=lambda: now[0])
+    now[0] = 31.0
+    progress.update(5_000_000)
+    assert progress.lines[-1] == "m.gguf: 5.0 MB at 0.2 MB/s"
+
+
+@pytest.mark.parametrize(
+    ("file", "quant", "expected"),
+    [
+        ("model-Q4_K_M.gguf", "q4_k_m", True),
+        ("model.Q4_K_M.gguf", "Q4_K_M", True),
+        ("model-Q4_K_M.gguf", "Q4_K", False),
+        ("model-IQ4_XS.gguf", "Q4_XS", False),
+        ("Q4_K_M/model-Q4_K_M-00001-of-00002.gguf", "Q4_K_M", True),
+        ("model-Q8_0.gguf", "Q4_0", False),
+    ],
+)
+def test_quant_tags_are_whole_tokens(file: str, quant: str, expected: bool) -> None:
+    from lifecycle.refs import has_quant
+
+    assert has_quant(file, quant) is expected
+
+
+def test_reference_syntax() -> None:
+    from lifecycle.refs import parse_reference, shard_names
+
+    assert parse_reference("x.gguf").kind == "name"
+    assert parse_reference("/m/x.gguf").kind == "path"
+    repo = parse_reference("org/repo:Q4_K_M")
+    assert (repo.kind, repo.repo, repo.quant, repo.file) == ("repo", "org/repo", "Q4_K_M", None)
+    exact = parse_reference("org/repo/sub/x.gguf")
+    assert (exact.repo, exact.quant, exact.file) == ("org/repo", None, "sub/x.gguf")
+    assert parse_reference("https://host/x.gguf").kind == "url"
+    for bad in ("", "org/repo:Q4/x.gguf", "http://example.com/x.gguf", "org//x", "org/../x", "ftp://h/x.gguf"):
+        with pytest.raises(ValueError):
+            parse_reference(bad)
+    assert shard_names("d/m-00001-of-00003.gguf") == [f"d/m-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    assert shard_names("m.gguf") == ["m.gguf"]
