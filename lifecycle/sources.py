@@ -47,6 +47,7 @@ RUNPOD_HF_CACHE = Path("/runpod-volume/huggingface-cache/hub")  # RunPod's cache
 DEFAULT_ENDPOINT = "https://huggingface.co"
 REVISION = "main"
 USER_AGENT = "llama-gguf-inference"
+HUB_TIMEOUT = 30.0  # seconds for the Hub's listing and each read of a download (a stalled server fails, not hangs)
 
 
 class ModelNotFound(ProvisionError):
@@ -268,7 +269,7 @@ def download_from_hub(repo: str, settings: Settings, quant: str | None = None, f
     token = hub_token()
     try:
         api = hf.HfApi(endpoint=endpoint, token=token or False, library_name=USER_AGENT)
-        info = api.model_info(repo, revision=REVISION)
+        info = api.model_info(repo, revision=REVISION, timeout=HUB_TIMEOUT)
     except Exception as exc:
         raise _hub_error(exc, repo, file, endpoint, bool(token)) from None
     files = [sibling.rfilename for sibling in info.siblings or []]
@@ -281,12 +282,14 @@ def download_from_hub(repo: str, settings: Settings, quant: str | None = None, f
             continue
         try:
             meta = hf.get_hf_file_metadata(hf.hf_hub_url(repo, name, revision=commit, endpoint=endpoint),
-                                           token=token or False, endpoint=endpoint, library_name=USER_AGENT)
+                                           token=token or False, endpoint=endpoint, library_name=USER_AGENT,
+                                           timeout=HUB_TIMEOUT)
             sha256 = meta.etag if meta.etag and SHA256.fullmatch(meta.etag) else None
             location = meta.location
             same_host = _host(location) == _host(endpoint)
             headers = build_hf_headers(token=(token or False) if same_host else False, library_name=USER_AGENT)
-            download_file(location, target, label=f"{repo}/{name}", headers=headers, sha256=sha256, size=meta.size)
+            download_file(location, target, label=f"{repo}/{name}", headers=headers, sha256=sha256, size=meta.size,
+                          timeout=HUB_TIMEOUT)
         except Exception as exc:
             if isinstance(exc, DownloadError) and exc.status is None:
                 raise  # disk space, checksum: the message already names the file

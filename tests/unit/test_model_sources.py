@@ -525,3 +525,25 @@ def test_reference_syntax() -> None:
             parse_reference(bad)
     assert shard_names("d/m-00001-of-00003.gguf") == [f"d/m-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
     assert shard_names("m.gguf") == ["m.gguf"]
+
+
+def test_a_whole_partial_file_is_checked_and_renamed(hub: FakeHub, tmp_path: Path) -> None:
+    """Killed after the last byte, before the rename: the next start asks for the rest (416) and keeps it."""
+    data = gguf()
+    hub.add_repo(REPO, {"model-Q4_0.gguf": data})
+    target = models(tmp_path) / FOLDER / "model-Q4_0.gguf"
+    target.parent.mkdir(parents=True)
+    downloads.partial_path(target).write_bytes(data)
+    assert resolve_reference(REPO, settings(tmp_path)) == target and file_sha(target) == sha(data)
+    assert [g.headers.get("Range") for g in hub.gets("model-Q4_0.gguf")] == [f"bytes={len(data)}-"]
+
+
+def test_a_file_from_disk_without_redirects(hub: FakeHub, tmp_path: Path) -> None:
+    """The fake serves a real file from disk (the e2e tests serve the default GGUF so), straight from /resolve/."""
+    source = tmp_path / "real.gguf"
+    source.write_bytes(gguf(200_000, seed=7))
+    hub.redirect = False
+    hub.add_repo(REPO, {"real.gguf": source})
+    path = resolve_reference(REPO, settings(tmp_path))
+    assert file_sha(path) == file_sha(source)
+    assert [g.path for g in hub.gets("real.gguf")] == [f"/{REPO}/resolve/{hub.repos[REPO].sha}/real.gguf"]
