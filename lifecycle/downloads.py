@@ -257,6 +257,8 @@ def _fetch(
     size: int | None, timeout: float,
 ) -> None:
     partial = partial_path(target)
+    if size is not None:  # known beforehand (the Hub's metadata): check before asking for a byte
+        check_disk_space(target.parent, size - (partial.stat().st_size if partial.exists() else 0), label)
     failures = 0
     progress: Progress | None = None
     digest = None

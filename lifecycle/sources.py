@@ -193,6 +193,9 @@ def _hf() -> Any:
 
     if "HF_HUB_DISABLE_TELEMETRY" not in os.environ:
         huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY = True
+    for name in ("httpx2", "httpx"):  # one INFO line per request otherwise; our own lines say what happens
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.WARNING)
     return huggingface_hub
 
 

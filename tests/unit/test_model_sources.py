@@ -182,7 +182,18 @@ def test_not_enough_disk_space(hub: FakeHub, tmp_path: Path, monkeypatch: pytest
         resolve_reference(REPO, settings(tmp_path))
     message = str(err.value)
     assert "not enough disk space" in message and "model-Q4_0.gguf" in message and "1.0 MB is free" in message
-    assert not hub.gets("model-Q4_0.gguf")[0:0] and not (models(tmp_path) / FOLDER / "model-Q4_0.gguf").exists()
+    assert not hub.gets("model-Q4_0.gguf"), "checked before the download starts"
+    assert not (models(tmp_path) / FOLDER / "model-Q4_0.gguf").exists()
+
+
+def test_not_enough_disk_space_for_a_url(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a size known beforehand, the answer's Content-Length is checked before the body is read."""
+    url = hub.add_static("big.gguf", gguf())
+    real = downloads.shutil.disk_usage
+    monkeypatch.setattr(downloads.shutil, "disk_usage", lambda path: real(path)._replace(free=2_000_000))
+    with pytest.raises(DiskSpaceError, match=r"big\.gguf .*it needs 0\.3 MB more, 2\.0 MB is free"):
+        resolve_reference(url, settings(tmp_path))
+    assert not list(models(tmp_path).glob("big.gguf*"))
 
 
 def test_one_download_for_two_threads(hub: FakeHub, tmp_path: Path) -> None:
