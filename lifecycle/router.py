@@ -179,9 +179,7 @@ def plan(settings: Settings, resolve: Callable[[str], Path]) -> ModelSet:
         paths = all_in(settings.models_dir)
         if not paths:
             raise ProvisionError(f"MODELS=all: no .gguf files in MODELS_DIR {settings.models_dir}")
-    else:
-        if "all" in refs:
-            raise SettingsError("MODELS: `all` stands alone (every GGUF in MODELS_DIR); do not list it with others")
+    else:  # `all` stands alone (lifecycle.settings.check_models)
         paths = [resolve(ref) for ref in refs]
     glob, sections = read_preset(settings.models_preset)
     models: list[ServedModel] = []

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lifecycle.platform import detect_data_dir
+from lifecycle.refs import check_repo, check_repo_file, check_url, parse_reference
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -123,6 +124,23 @@ def passthrough_methods(route: str) -> tuple[str, ...]:
     if route in _CLOSED_ROUTES or route.startswith(_CLOSED_PREFIXES):
         raise ValueError(f"{route} may not be opened: it acts on the host or changes llama-server's state")
     return ("GET",) if route in _GET_ONLY_ROUTES else ("GET", "POST")
+
+
+def _check_ref(name: str, value: str, check: Callable[[str], object]) -> None:
+    """A model reference setting checked with its lifecycle.refs rule."""
+    try:
+        check(value)
+    except ValueError as exc:
+        raise SettingsError(f"{name}={value!r} is not allowed: {exc}") from None
+
+
+def check_models(refs: tuple[str, ...]) -> None:
+    """MODELS: `all` alone, or model references (lifecycle.refs), each checked like MODEL_REPO and MODEL_URL."""
+    if "all" in refs and len(refs) > 1:
+        raise SettingsError("MODELS=all stands alone (every GGUF in MODELS_DIR): do not list other models with it")
+    for ref in refs:
+        if ref != "all":
+            _check_ref("MODELS", ref, parse_reference)
 
 
 def check_passthrough_routes(routes: Iterable[str]) -> None:
@@ -266,11 +284,34 @@ _PARSERS: dict[str, Callable[[Var, str, str], Any]] = {
 VARIABLES: tuple[Var, ...] = (
     # Model
     Var("MODEL_NAME", "model", "name", hint="use a file name; use MODEL_PATH for paths",
-        doc="GGUF file name, looked up in `MODELS_DIR`. A plain file name (no `/`)."),
-    Var("MODEL_PATH", "model", "path", doc="Full path to a GGUF file; wins over `MODEL_NAME`."),
-    Var("MODELS_DIR", "model", "path", shown=f"`$DATA_DIR/{MODELS_SUBDIR}`", doc="Where `MODEL_NAME` is looked up."),
+        doc="GGUF file name, looked up in `MODELS_DIR`. A plain file name (no `/`); wins over `MODEL_REPO` and "
+            "`MODEL_URL`."),
+    Var("MODEL_PATH", "model", "path", doc="Full path to a GGUF file; wins over every other model setting."),
+    Var("MODELS_DIR", "model", "path", shown=f"`$DATA_DIR/{MODELS_SUBDIR}`",
+        doc="Where `MODEL_NAME` is looked up, and where `MODEL_REPO` and `MODEL_URL` downloads are kept "
+            "(`<org>--<repo>/<file>` and `<file>`); see [MODELS.md](MODELS.md#sources)."),
+    Var("MODEL_REPO", "model", check=lambda value: _check_ref("MODEL_REPO", value, check_repo), new=True,
+        doc="A Hugging Face repo to serve a GGUF from: `org/repo` (its one GGUF model) or `org/repo:QUANT` (the "
+            "GGUF whose name carries that tag, e.g. `:Q4_K_M`). Taken from the Hugging Face cache or `MODELS_DIR` "
+            "when it is there (no network), else downloaded into `MODELS_DIR` once; see "
+            "[MODELS.md](MODELS.md#sources). Wins over `MODEL_URL`."),
+    Var("MODEL_FILE", "model", check=lambda value: _check_ref("MODEL_FILE", value, check_repo_file), new=True,
+        doc="The exact file of `MODEL_REPO` to serve (a path in the repo, e.g. `model-Q4_K_M.gguf`); only with "
+            "`MODEL_REPO`, and not with a `:QUANT` tag."),
+    Var("MODEL_URL", "model", check=lambda value: _check_ref("MODEL_URL", value, check_url), new=True,
+        doc="An `https://` URL of a GGUF file, downloaded once into `MODELS_DIR` (resumed when interrupted; "
+            "checked against a sha256 given as `#sha256=<hex>` or published by the server). `http://` only for "
+            "127.0.0.1 or localhost."),
+    Var("HF_TOKEN", "model", read_by="lifecycle/sources.py", new=True,
+        doc="Hugging Face token for gated or private repos (read by `huggingface_hub`, which also finds the token "
+            "of `hf auth login`). A secret: never logged or printed."),
+    Var("HF_ENDPOINT", "model", read_by="lifecycle/sources.py", shown="`https://huggingface.co`", new=True,
+        doc="The Hugging Face Hub to download from (read by `huggingface_hub`), e.g. a mirror."),
+    Var("HF_HUB_CACHE", "model", "path", shown="`/runpod-volume/huggingface-cache/hub` when it exists", new=True,
+        doc="A Hugging Face cache (`models--org--repo/snapshots/...`) to look in first for `MODEL_REPO`: a model "
+            "found there is used with no network access. Unset: RunPod's model cache, when it exists."),
     # Several models (llama-server's router mode)
-    Var("MODELS", "models", "list", (), new=True,
+    Var("MODELS", "models", "list", (), new=True, check=check_models,
         doc="Serve several models at once through llama-server's router mode: `all` (every GGUF in `MODELS_DIR`) "
             "or a comma-separated list of file names in `MODELS_DIR`, `org/repo[:QUANT]` references and URLs. "
             "The request's `model` picks one. Unset: one model, exactly as before. See "
@@ -501,6 +542,10 @@ class Settings:
     models_dir: Path = setting("MODELS_DIR", required=True)
     model_name: str | None = setting("MODEL_NAME")
     model_path: Path | None = setting("MODEL_PATH")
+    model_repo: str | None = setting("MODEL_REPO")
+    model_file: str | None = setting("MODEL_FILE")
+    model_url: str | None = setting("MODEL_URL")
+    hf_hub_cache: Path | None = setting("HF_HUB_CACHE")
     models: tuple[str, ...] = setting("MODELS")
     default_model: str | None = setting("DEFAULT_MODEL")
     models_max: int = setting("MODELS_MAX")
@@ -623,6 +668,12 @@ class Settings:
             values["log_name"] = f"{VARS['LOG_NAME'].default}-{values['worker_type']}"
 
         settings = cls(**values, deprecations=tuple(deprecations))
+        if settings.model_file is not None:
+            if settings.model_repo is None:
+                raise SettingsError(f"MODEL_FILE={settings.model_file!r} needs MODEL_REPO (the repo it is in)")
+            if ":" in settings.model_repo:
+                raise SettingsError(f"MODEL_FILE={settings.model_file!r} and a :QUANT tag in "
+                                    f"MODEL_REPO={settings.model_repo!r}: give one of them")
         ports = {"PORT": settings.port, "PORT_HEALTH": settings.port_health, "PORT_BACKEND": settings.port_backend}
         if len(set(ports.values())) != len(ports):
             shown = ", ".join(f"{k}={v}" for k, v in ports.items())
