@@ -231,3 +231,33 @@ def test_bad_models_settings_stop_with_one_line(tmp_path: Path, gguf: Path, env:
     proc = _run_gateway(tmp_path, env, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert says in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serverless_jobs_pick_their_model_the_same_way(tmp_path: Path, gguf: Path) -> None:
+    from tests.conftest import free_port
+    from tests.e2e.test_serverless import handler_env, runsync, start_handler, stop, wait_api
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("alpha.gguf", "beta.gguf"):
+        shutil.copyfile(gguf, models / name)
+    port = free_port()
+    env = handler_env(tmp_path, MODELS="all", MODELS_MAX="1", CTX="2048", PARALLEL="2")
+    proc = start_handler(tmp_path, ["--rp_serve_api", "--rp_api_port", str(port)], env)
+    try:
+        api = wait_api(proc, port, tmp_path)
+        routed = runsync(api, {"openai_route": "/v1/chat/completions",
+                               "openai_input": {"model": "beta", "messages": CHAT, "max_tokens": 2}})
+        assert routed["output"][0]["model"] == "beta"
+        default = runsync(api, {"openai_route": "/v1/chat/completions",
+                                "openai_input": {"messages": CHAT, "max_tokens": 2}})
+        assert default["output"][0]["model"] == "alpha"
+        native = runsync(api, {"messages": CHAT, "model": "beta.gguf", "sampling_params": {"max_tokens": 2}})
+        assert native["status"] == "COMPLETED" and native["output"][0]["usage"]["completion_tokens"] > 0
+        unknown = runsync(api, {"prompt": "Hi", "model": "gpt-4o", "sampling_params": {"max_tokens": 2}})
+        assert "model 'gpt-4o' does not exist; available models: alpha, beta" in json.dumps(unknown)
+        wrong = runsync(api, {"openai_route": "/v1/chat/completions",
+                              "openai_input": {"model": "nope", "messages": CHAT}})
+        assert "openai_input.model 'nope' does not exist" in json.dumps(wrong)
+    finally:
+        stop(proc)
