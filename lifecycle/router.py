@@ -323,7 +323,7 @@ class Router:
         status = await self.status(mid)
         if status.value in ("loaded", "sleeping"):
             return True
-        asked = False
+        asked = told = False
         saw_loading = False
         while True:
             if status.value in ("loaded", "sleeping"):
@@ -338,8 +338,12 @@ class Router:
                     asked = True
                     code, body = await self.load(mid)
                     if code != 200 and b"already running" not in body:
-                        # "model limit reached": the router unloads the least recently used one once it is idle
-                        log.info("router: loading %s answered %d; waiting", mid, code)
+                        # "model limit reached": every loaded model is busy; asked again until one is idle and the
+                        # router unloads the least recently used one
+                        if not told:
+                            told = True
+                            log.info("router: %s waits for a loaded model to go idle (MODELS_MAX models are "
+                                     "loaded and busy)", mid)
                         asked = False
             if self.clock() >= deadline:
                 return False
