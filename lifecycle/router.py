@@ -304,16 +304,16 @@ class Router:
         return self.statuses.get(mid, Status())
 
     async def load(self, mid: str) -> tuple[int, bytes]:
-        body = json.dumps({"model": mid}).encode()
-        reply = await self._up().request("POST", "/models/load", body=body,
-                                         headers={"Content-Type": "application/json"}, timeout=ROUTER_TIMEOUT)
-        self.fetched_at = float("-inf")
-        return reply.status, reply.body
+        return await self._act("/models/load", mid)
 
     async def unload(self, mid: str) -> tuple[int, bytes]:
+        return await self._act("/models/unload", mid)
+
+    async def _act(self, path: str, mid: str) -> tuple[int, bytes]:
+        """POST a load or unload; the statuses are looked at again before they are next trusted."""
         body = json.dumps({"model": mid}).encode()
-        reply = await self._up().request("POST", "/models/unload", body=body,
-                                         headers={"Content-Type": "application/json"}, timeout=ROUTER_TIMEOUT)
+        reply = await self._up().request("POST", path, body=body, headers={"Content-Type": "application/json"},
+                                         timeout=ROUTER_TIMEOUT)
         self.fetched_at = float("-inf")
         return reply.status, reply.body
 

@@ -415,3 +415,92 @@ def test_concurrent_generates_lose_no_key(keys_file: Path) -> None:
     for name, key in printed.items():
         assert stored[name].digest == digest(key)
     assert stat.S_IMODE(keys_file.stat().st_mode) == 0o600
+
+
+# ---------------------------------------------------------------- admin keys (admin=true)
+
+PLAIN = "sk-plain-0123456789abcdef"
+HEX = digest("sk-ops-0123456789abcdef").hex()
+
+
+def run_on(capsys: pytest.CaptureFixture[str], path: Path, *argv: str) -> tuple[int, str, str]:
+    return run(capsys, "--file", str(path), *argv)
+
+
+def test_generate_admin(capsys: pytest.CaptureFixture[str], keys_file: Path) -> None:
+    code, out, err = run_on(capsys, keys_file, "generate", "--name", "ops", "--admin", "--rate-limit", "9")
+    assert code == 0 and "admin" in err
+    key = out.strip()
+    assert keys_file.read_text() == f"ops:sha256:{digest(key).hex()}:9 admin=true\n"
+    code, out, _ = run_on(capsys, keys_file, "generate", "--name", "user")
+    assert code == 0 and not entries(keys_file)["user"].admin and entries(keys_file)["ops"].admin
+
+
+def test_update(capsys: pytest.CaptureFixture[str], keys_file: Path) -> None:
+    keys_file.parent.mkdir(parents=True)
+    keys_file.write_text(f"# top\nlegacy:{PLAIN}:3\nother:{PLAIN}0 admin=true\n")
+    code, out, err = run_on(capsys, keys_file, "update", "--name", "legacy", "--admin")
+    assert code == 0 and out == "" and "updated key 'legacy'" in err and PLAIN not in err
+    lines = keys_file.read_text().splitlines()
+    # rewritten in place, hashed, the same key: a plaintext key keeps working
+    assert lines == ["# top", f"legacy:sha256:{digest(PLAIN).hex()}:3 admin=true", f"other:{PLAIN}0 admin=true"]
+    code, _, _ = run_on(capsys, keys_file, "update", "--name", "legacy", "--no-admin", "--rate-limit", "50",
+                     "--expires", "2999-01-01")
+    assert code == 0
+    entry = entries(keys_file)["legacy"]
+    assert (entry.admin, entry.rate_limit, entry.expires, entry.digest) == (
+        False, 50, datetime(2999, 1, 1, tzinfo=UTC), digest(PLAIN))
+    assert keys_file.read_text().splitlines()[1] == f"legacy:sha256:{digest(PLAIN).hex()}:50:2999-01-01T00:00:00+00:00"
+    code, _, _ = run_on(capsys, keys_file, "update", "--name", "legacy", "--rate-limit", "7")
+    assert code == 0 and entries(keys_file)["legacy"].expires == datetime(2999, 1, 1, tzinfo=UTC)  # the rest is kept
+
+
+def test_update_every_line_of_the_id(capsys: pytest.CaptureFixture[str], keys_file: Path) -> None:
+    keys_file.parent.mkdir(parents=True)
+    keys_file.write_text(f"ops:{PLAIN} admin=true\nops:{PLAIN}0 admin=true\nops:bad line admin=true\n")
+    code, _, err = run_on(capsys, keys_file, "update", "--name", "ops", "--no-admin")
+    assert code == 0 and "2 lines" in err
+    assert [e.admin for e in parse_keys(keys_file.read_text())] == [False, False]
+    assert keys_file.read_text().splitlines()[2] == "ops:bad line admin=true"  # an invalid line is kept as it was
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["update", "--name", "ops"], 2, "at least one of"),
+        (["update", "--name", "ops", "--admin", "--no-admin"], 2, "not allowed with"),
+        (["update", "--name", "ops", "--rate-limit", "0"], 2, "positive integer"),
+        (["update", "--name", "ops", "--expires", "2000-01-01"], 2, "in the past"),
+        (["update", "--name", "nobody", "--admin"], 1, "unknown key id 'nobody'"),
+        (["update", "--name", "broken", "--admin"], 1, "no valid line"),
+    ],
+)
+def test_update_errors(capsys: pytest.CaptureFixture[str], keys_file: Path, argv: list[str], code: int,
+                       message: str) -> None:
+    keys_file.parent.mkdir(parents=True)
+    keys_file.write_text(f"ops:{PLAIN}\nbroken:short\n")
+    before = keys_file.read_bytes()
+    result, out, err = run_on(capsys, keys_file, *argv)
+    assert (result, out) == (code, "") and message in err
+    assert keys_file.read_bytes() == before
+
+
+def test_rotate_keeps_admin(capsys: pytest.CaptureFixture[str], keys_file: Path) -> None:
+    keys_file.parent.mkdir(parents=True)
+    keys_file.write_text(f"ops:{PLAIN}:4 admin=true\n")
+    code, out, _ = run_on(capsys, keys_file, "rotate", "--name", "ops")
+    assert code == 0
+    entry = entries(keys_file)["ops"]
+    assert entry.admin and entry.rate_limit == 4 and entry.hashed and entry.digest == digest(out.strip())
+
+
+def test_list_shows_admin(capsys: pytest.CaptureFixture[str], keys_file: Path) -> None:
+    keys_file.parent.mkdir(parents=True)
+    keys_file.write_text(f"ops:sha256:{HEX} admin=true\nlegacy:{PLAIN} admin=true\nuser:{PLAIN}0\n")
+    code, out, err = run_on(capsys, keys_file, "list")
+    assert code == 0 and err == ""
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert rows["ops"] == ["ops", "default", "never", "active", "admin"]
+    assert rows["legacy"] == ["legacy", "default", "never", "active", "admin", "(plaintext)"]
+    assert rows["user"] == ["user", "default", "never", "active", "(plaintext)"]
+    assert HEX not in out and PLAIN not in out
