@@ -261,3 +261,34 @@ def test_serverless_jobs_pick_their_model_the_same_way(tmp_path: Path, gguf: Pat
         assert "openai_input.model 'nope' does not exist" in json.dumps(wrong)
     finally:
         stop(proc)
+
+
+def test_presets_aliases_and_idle_sleep(tmp_path: Path, gguf: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("alpha.gguf", "beta.gguf"):
+        shutil.copyfile(gguf, models / name)
+    (tmp_path / "models.ini").write_text("version = 1\n[*]\nctx-size = 1024\n[beta.gguf]\nalias = b2, second\n"
+                                         "ctx-size = 512\n")
+    gw = Gateway(tmp_path, {"MODELS": "all", "MODELS_MAX": "2", "MODEL_IDLE_TIMEOUT": "2", "PARALLEL": "1",
+                            "MODELS_PRESET": str(tmp_path / "models.ini"), "DEFAULT_MODEL": "second"}).start()
+    try:
+        def post(model: str) -> requests.Response:
+            return requests.post(f"{gw.url}/v1/chat/completions", json={"model": model, "messages": CHAT,
+                                                                         "max_tokens": 2}, timeout=60)
+
+        assert post("b2").json()["model"] == "beta"  # an alias from the preset
+        assert post("any").json()["model"] == "beta"  # DEFAULT_MODEL names it by an alias
+        entry = requests.get(f"{gw.url}/v1/models/beta", timeout=10).json()
+        assert sorted(entry["aliases"]) == ["b2", "beta.gguf", "second"]
+        assert entry["meta"]["n_ctx"] == 512  # the model's own preset section won over [*]
+        assert post("alpha").status_code == 200
+        assert requests.get(f"{gw.url}/v1/models/alpha", timeout=10).json()["meta"]["n_ctx"] == 1024
+        # MODEL_IDLE_TIMEOUT: idle models go to sleep, and the next request wakes them
+        deadline = time.monotonic() + 30
+        while requests.get(f"{gw.url}/v1/models/alpha", timeout=10).json()["status"] != "sleeping":
+            assert time.monotonic() < deadline, "alpha never went to sleep"
+            time.sleep(0.5)
+        assert post("alpha").json()["model"] == "alpha"
+    finally:
+        gw.stop()

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.admission import Admission, QueueFull, QueueTimeout
+from gateway.admission import Admission, Admissions, QueueFull, QueueTimeout
 
 
 def test_slots_are_granted_in_order_and_passed_on() -> None:
@@ -93,5 +93,24 @@ def test_a_heavy_waiter_that_leaves_lets_the_next_one_in() -> None:
         heavy.cancel()
         await asyncio.wait_for(light, 1)
         assert gate.active == 2 and gate.depth == 0
+
+    asyncio.run(scenario())
+
+
+def test_each_model_has_its_own_slots_and_queue() -> None:
+    async def scenario() -> None:
+        gates = Admissions(capacity=1, max_queue=1, timeout=5)
+        assert gates.of("a") is gates.of("a") and gates.of("a") is not gates.of("b")
+        await gates.of("a").acquire()
+        # a's only slot is held: b still has its own
+        assert await asyncio.wait_for(gates.of("b").acquire(), 1) == 0.0
+        waiting = asyncio.create_task(gates.of("a").acquire())
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull):  # a's queue (of 1) is full; b's is not touched
+            await gates.of("a").acquire()
+        assert (gates.active, gates.depth, gates.saturated) == (2, 1, True)
+        gates.of("a").release()
+        await asyncio.wait_for(waiting, 1)
+        assert gates.of(None) is gates.default and gates.default.active == 0
 
     asyncio.run(scenario())
