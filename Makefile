@@ -30,8 +30,9 @@ model: $(STAMP)
 	@DATA_DIR="$(DATA_DIR)" $(PY) -m lifecycle.model >/dev/null
 
 serve: llama-server model
-	@model=$$(DATA_DIR="$(DATA_DIR)" $(PY) -m lifecycle.model) && \
-		echo "Serving $$(basename "$$model") on http://localhost:$(PORT) (HTTP mode); Ctrl-C stops it."
+	@models=$$(DATA_DIR="$(DATA_DIR)" $(PY) -m lifecycle.model) && \
+		echo "Serving $$(echo "$$models" | xargs -d '\n' -n1 basename | paste -sd ' ') on http://localhost:$(PORT)" \
+			"(HTTP mode); Ctrl-C stops it."
 	@echo "Try: curl http://localhost:$(PORT)/v1/chat/completions -H 'Content-Type: application/json' \\"
 	@echo "       -d '{\"model\": \"any\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'"
 	DATA_DIR="$(DATA_DIR)" AUTH_ENABLED=$${AUTH_ENABLED:-false} PORT=$(PORT) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \

@@ -90,10 +90,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m lifecycle.model`: resolve (and fetch, when needed) the model the settings name; print its path.
+    """`python -m lifecycle.model`: resolve (and fetch, when needed) the model the settings name; print its path
+    (with MODELS: every model's, the default first).
     `python -m lifecycle.model pull REF [REF ...]`: fetch those models; print each path. Errors: one `error:`
     line on stderr, exit 1 (2 for bad settings)."""
-    from lifecycle.settings import BAD_SETTINGS_EXIT, load_settings
+    from lifecycle.settings import BAD_SETTINGS_EXIT, SettingsError, load_settings
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     settings = load_settings()
@@ -105,9 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "pull":
             for ref in args.refs:
                 print(resolve_reference(ref, settings), flush=True)
+        elif settings.models:  # several models: each one's path, in order (the first is the default)
+            from lifecycle.router import plan
+
+            models = plan(settings, lambda ref: resolve_reference(ref, settings))
+            default = models.get(models.default)
+            for model in sorted(models.models, key=lambda m: m is not default):
+                print(model.path, flush=True)
         else:
             print(resolve_model(settings))
-    except ProvisionError as exc:
+    except (ProvisionError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -94,3 +94,18 @@ def test_make_serve_names_the_model_it_serves(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "Serving mine.Q4_K_M.gguf on http://localhost:8000" in proc.stdout
     assert "entrypoint: DATA_DIR=./data MODEL_NAME=mine.Q4_K_M.gguf" in proc.stdout
+
+
+def test_make_serve_names_every_model_with_models_set(tmp_path: Path) -> None:
+    (tmp_path / "data" / "models").mkdir(parents=True)
+    for name in ("alpha.gguf", "beta.gguf"):
+        (tmp_path / "data" / "models" / name).write_bytes(b"GGUF")
+    entry = tmp_path / "entrypoint.sh"
+    entry.write_text('#!/bin/sh\necho "entrypoint: MODELS=$MODELS"\n')
+    entry.chmod(0o755)
+    proc = make(tmp_path, "serve", MODELS="all", DEFAULT_MODEL="beta")
+    assert proc.returncode == 0, proc.stderr
+    assert "Serving beta.gguf alpha.gguf on http://localhost:8000" in proc.stdout  # the default first
+    assert "entrypoint: MODELS=all" in proc.stdout
+    bad = make(tmp_path, "model", MODELS="all", DEFAULT_MODEL="zeta")
+    assert bad.returncode != 0 and "DEFAULT_MODEL='zeta' is none of the served models" in bad.stderr
