@@ -22,9 +22,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import requests
+if TYPE_CHECKING:  # imported where used: the image's llama-server build stage has Python but not requests
+    import requests
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,8 @@ def download_file(
         if target.is_file():  # another process fetched it while we waited
             log.info("%s: fetched by another process meanwhile", label)
             return target
+        import requests
+
         own = session or requests.Session()
         try:
             _fetch(own, url, target, label, dict(headers or {}), sha256, size, timeout)
@@ -256,6 +259,8 @@ def _fetch(
     session: requests.Session, url: str, target: Path, label: str, headers: dict[str, str], sha256: str | None,
     size: int | None, timeout: float,
 ) -> None:
+    import requests
+
     partial = partial_path(target)
     if size is not None:  # known beforehand (the Hub's metadata): check before asking for a byte
         check_disk_space(target.parent, size - (partial.stat().st_size if partial.exists() else 0), label)

@@ -158,3 +158,11 @@ def test_healthcheck_follows_the_gateways_health_port() -> None:
         _Health.status = 200
     assert _healthcheck({"PORT_HEALTH": port}) == 1  # nothing listening
     assert _healthcheck({"PORT_HEALTH": port, "MODE": "handler"}) == 0  # serverless: no HTTP server to ask
+
+
+def test_the_build_stage_runs_the_llama_server_build_with_the_standard_library_alone() -> None:
+    """The images' first stage has Debian's python3 and nothing from PyPI (COPY lifecycle, then
+    `python3 -m lifecycle.llama_server`): what that imports must not need a third-party package."""
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import lifecycle.llama_server"
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(ROOT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
