@@ -534,6 +534,10 @@ def setting(name: str, *, required: bool = False, factory: Callable[[], Any] | N
     return field(default=default, metadata=metadata)
 
 
+# scheme://user:password@ and ?query in a URL, for describe()
+_URL_SECRETS = re.compile(r"(\w+://)(?:[^/@\s]*@)?([^?\s]*)(\?[^\s,#]*)?")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every field is read from the variable `setting()` names, with the table's default."""
@@ -624,12 +628,15 @@ class Settings:
         return self.data_dir / "logs" / "_boot"
 
     def describe(self) -> dict[str, str]:
-        """The resolved settings as strings, safe to print (no secrets live in Settings)."""
+        """The resolved settings as strings, safe to print: no secrets live in Settings, and a URL's credentials
+        and query string (MODEL_URL, MODELS, a signed link's token) are left out."""
         out = {}
         for item in fields(self):
             value = getattr(self, item.name)
             if isinstance(value, tuple):
                 value = " ".join(value)
+            if isinstance(value, str) and "://" in value:
+                value = _URL_SECRETS.sub(lambda m: m[1] + m[2] + ("?..." if m[3] else ""), value)
             if value is None:
                 var = VARS.get(item.metadata.get("env", ""))
                 value = "auto" if var is not None and var.kind == "auto_int" else ""

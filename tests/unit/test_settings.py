@@ -93,3 +93,13 @@ def test_describe_is_printable() -> None:
     described = build({"EXTRA_ARGS": "-fa on"}).describe()
     assert described["extra_args"] == "-fa on"
     assert described["keys_file"] == "/srv/data/api_keys.txt"
+
+
+def test_describe_leaves_out_a_urls_credentials_and_query() -> None:
+    s = Settings.from_env({"DATA_DIR": "/srv/data", "MODELS": "a.gguf,https://h.example/c.gguf?token=zz",
+                           "MODEL_URL": "https://user:pw@cdn.example/m.gguf?X-Amz-Signature=abc#sha256=" + "0" * 64},
+                          probe_roots=[])
+    shown = s.describe()
+    assert shown["model_url"] == "https://cdn.example/m.gguf?...#sha256=" + "0" * 64
+    assert shown["models"] == "a.gguf https://h.example/c.gguf?..."
+    assert "abc" not in str(shown) and "pw" not in str(shown) and "zz" not in str(shown)
