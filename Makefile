@@ -52,6 +52,7 @@ test-image: $(STAMP)
 bench: llama-server model
 	$(PY) bench/gateway_overhead.py
 	$(PY) bench/stream_throughput.py
+	$(PY) bench/models.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
