@@ -39,7 +39,9 @@ SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 PRESET_ONLY = frozenset({"load-on-startup", "stop-timeout", "dedup-cache-models"})
 # Keys the gateway sets for every model itself (the model file), refused in a section for a model it serves.
 OWN_KEYS = frozenset({"model", "m", "hf-repo", "hf", "hfr", "model-url", "mu"})
-STATUS_POLL = 0.1  # seconds between looks at a loading model's status
+# Seconds between looks at a loading model's status, while a request waits for it: a GET /models on loopback costs
+# the router well under a millisecond, and each look may be the one that sees the load finish (bench/models.py).
+STATUS_POLL = 0.025
 STATUS_TTL = 1.0  # a status older than this is fetched again before it is trusted
 ROUTER_TIMEOUT = 10.0  # the router's own routes answer at once; a load is waited for by polling
 
@@ -342,8 +344,8 @@ class Router:
                         # router unloads the least recently used one
                         if not told:
                             told = True
-                            log.info("router: %s waits for a loaded model to go idle (MODELS_MAX models are "
-                                     "loaded and busy)", mid)
+                            log.info("router: %s waits for a loaded model to go idle (loading it answered %d: %s)",
+                                     mid, code, body[:200].decode("utf-8", "replace"))
                         asked = False
             if self.clock() >= deadline:
                 return False
