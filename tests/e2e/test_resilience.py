@@ -176,7 +176,7 @@ def test_sigterm_drains_a_stream_then_exits_zero(make_gateway) -> None:  # type:
 
 def test_crash_loop_exits_for_the_platform(make_gateway) -> None:  # type: ignore[no-untyped-def]
     gw: Gateway = make_gateway({"LLAMA_SERVER_BIN": str(FAKE), "FAKE_MODE": "crash_after_ready",
-                                "FAKE_CRASH_AFTER": "0.3", "BACKEND_RESTART_LIMIT": "3",
+                                "FAKE_CRASH_AFTER": "1.0", "BACKEND_RESTART_LIMIT": "3",
                                 "BACKEND_RESTART_DELAY": "0.1"}, name="loop-exit")
     assert gw.proc is not None
     assert gw.proc.wait(30) == 1
@@ -187,7 +187,7 @@ def test_crash_loop_exits_for_the_platform(make_gateway) -> None:  # type: ignor
 
 def test_crash_loop_with_retry_policy_reports_down(make_gateway) -> None:  # type: ignore[no-untyped-def]
     gw: Gateway = make_gateway({"LLAMA_SERVER_BIN": str(FAKE), "FAKE_MODE": "crash_after_ready",
-                                "FAKE_CRASH_AFTER": "0.3", "BACKEND_RESTART_LIMIT": "3", "BACKEND_CRASH_LOOP": "retry",
+                                "FAKE_CRASH_AFTER": "1.0", "BACKEND_RESTART_LIMIT": "3", "BACKEND_CRASH_LOOP": "retry",
                                 "BACKEND_RESTART_DELAY": "0.1", "BACKEND_RESTART_MAX_DELAY": "30"}, name="loop-retry")
     down = wait_for(lambda: (h := health(gw))["backend"] == "down" and h, 30)
     assert "exited unexpectedly with code 9" in down["error"]
