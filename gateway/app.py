@@ -20,12 +20,12 @@ from prometheus_client import CollectorRegistry
 from gateway import admin, health, proxy, scrape
 from gateway.accesslog import AccessLog
 from gateway.admission import Admissions
-from gateway.auth import Admitted, KeyStore, verdict
+from gateway.auth import Admitted, KeyStore, credential, verdict
 from gateway.connections import Connections
 from gateway.cors import Cors
 from gateway.decorate import decorate
 from gateway.drain import Drain
-from gateway.errors import CLIENT_CLOSED, INTERNAL_ERROR, error_response
+from gateway.errors import CLIENT_CLOSED, INTERNAL_ERROR, error_response, shaped
 from gateway.limits import MAX_REQUEST_LINE, body_too_large, header_problem
 from gateway.metrics import Metrics
 from gateway.observe import Observer
@@ -57,6 +57,7 @@ from gateway.state import (
 from gateway.stats import Stats
 from lifecycle.backend import Backend
 from lifecycle.request_rules import Limits
+from lifecycle.routes import shape_of
 from lifecycle.settings import Settings
 
 log = logging.getLogger("gateway")
@@ -116,7 +117,8 @@ def authorize(request: web.Request, settings: Settings) -> web.Response | None:
     if settings.auth_enabled and _public(request, settings):
         return None
     app = request.app
-    result = verdict(app[KEYS].ring, app[FAILURES], app[LIMITER], settings, request.headers.get("Authorization", ""),
+    presented = credential(request.headers.get("Authorization", ""), request.headers.get("x-api-key", ""))
+    result = verdict(app[KEYS].ring, app[FAILURES], app[LIMITER], settings, presented,
                      request.remote or "unknown")
     if isinstance(result, Admitted):
         ex.key_id, ex.decision, ex.caller = result.key_id, result.decision, result
@@ -173,6 +175,10 @@ async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamR
                 response = error_response(500, INTERNAL_ERROR, "internal_error")
         status = response.status
         if not response.prepared:  # streams were decorated by the proxy before their headers went out
+            if status >= 400 and isinstance(response, web.Response) and isinstance(response.body, bytes):
+                shape = shape_of(request.path)
+                if shape != "openai":  # the gateway's own refusals in the route's error shape (errors.shaped)
+                    response.body = shaped(shape, status, response.body)
             decorate(request, response)
         return response
     finally:

@@ -241,6 +241,13 @@ def require_admin(admitted: Admitted) -> Refused | None:
     return Refused(403, message, "admin_key_required", "auth", key_id=admitted.key_id)
 
 
+def credential(authorization: str, x_api_key: str) -> str:
+    """The key a caller presents, as one header value: `Authorization` (`Bearer <key>` or the bare key), else
+    `x-api-key` (how Anthropic's clients send it; llama-server reads the two the same way). The one rule of both
+    lanes: the same key store, limits and refusals whichever header carries it."""
+    return authorization if authorization.strip() else x_api_key
+
+
 def identify(ring: KeyRing, header: str, now: datetime | None = None) -> KeyEntry | Refused:
     """The entry of the known, unexpired key in an Authorization header value, or why there is none."""
     token = bearer_token(header)
@@ -248,7 +255,8 @@ def identify(ring: KeyRing, header: str, now: datetime | None = None) -> KeyEntr
     if not ring:
         return Refused(401, "authentication is enabled but no API keys are configured", "no_api_keys", "auth")
     if not token:
-        return Refused(401, "missing API key: send Authorization: Bearer <key>", "missing_api_key", "auth")
+        return Refused(401, "missing API key: send Authorization: Bearer <key> (or x-api-key: <key>)",
+                       "missing_api_key", "auth")
     if entry is None:
         return Refused(401, "invalid API key", "invalid_api_key", "auth")
     if entry.expires is not None and entry.expired(now or utcnow()):  # no clock read for keys that never expire

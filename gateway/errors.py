@@ -47,6 +47,38 @@ def error_response(
     )
 
 
-def sse_error_event(message: str, code: str = "backend_error") -> bytes:
-    """How a failure is reported once a stream has started: an SSE event, never a second status line."""
+def sse_error_event(message: str, code: str = "backend_error", shape: str = "openai") -> bytes:
+    """How a failure is reported once a stream has started: an SSE event, never a second status line. Anthropic's
+    clients read an `event: error` whose data is Anthropic's error object."""
+    if shape == "anthropic":
+        return b"event: error\ndata: " + anthropic_body(502, message) + b"\n\n"
     return b"data: " + error_body(502, message, code) + b"\n\n"
+
+
+# Anthropic's error types by status (docs.anthropic.com, "Errors"); the SDK picks its exception by status alone.
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error",
+                    503: "overloaded_error"}
+
+
+def anthropic_body(status: int, message: str) -> bytes:
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+
+
+def shaped(shape: str, status: int, body: bytes) -> bytes:
+    """An error answer in the shape the route's clients read: OpenAI's (the gateway's own and llama-server's) as is,
+    Anthropic's for the Messages API. The one rule both lanes apply (gateway.pipeline, gateway.app), idempotent."""
+    if shape != "anthropic" or status < 400:
+        return body
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return anthropic_body(status, body.decode("utf-8", "replace")[:500] or f"HTTP {status}")
+    if not isinstance(parsed, dict):
+        return anthropic_body(status, f"HTTP {status}")
+    if parsed.get("type") == "error":
+        return body  # already Anthropic's
+    error = parsed.get("error")
+    message = error.get("message") if isinstance(error, dict) else error
+    return anthropic_body(status, str(message) if message else f"HTTP {status}")

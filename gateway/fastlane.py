@@ -39,7 +39,7 @@ import httptools
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
-from gateway.auth import Admitted, charge, verdict
+from gateway.auth import Admitted, charge, credential, verdict
 from gateway.connections import GatewayServer, WriteStall
 from gateway.errors import CLIENT_CLOSED, INTERNAL_ERROR, error_body
 from gateway.limits import body_too_large, header_problem
@@ -95,7 +95,7 @@ def decide(
     problem = header_problem(headers, limits.max_headers, limits.max_line)
     if problem is not None:
         return problem  # aiohttp's lane gives the 431
-    token = request_id = length = None
+    token = api_key = request_id = length = None
     hosts = 0
     for name, value in headers:
         lowered = name.lower()
@@ -103,6 +103,10 @@ def decide(
             if token is not None:
                 return "Authorization twice"  # aiohttp's lane decides which one counts
             token = value
+        elif lowered == b"x-api-key":
+            if api_key is not None:
+                return "x-api-key twice"
+            api_key = value
         elif lowered == b"x-request-id":
             if request_id is not None:
                 return "X-Request-ID twice"
@@ -118,7 +122,7 @@ def decide(
     if hosts != 1:
         return "not exactly one Host"  # HTTP/1.1 needs exactly one: aiohttp's lane refuses the rest
     try:
-        auth = token.decode("ascii") if token else ""
+        auth = credential(token.decode("ascii") if token else "", api_key.decode("ascii") if api_key else "")
         rid = request_id.decode("ascii") if request_id else None
     except UnicodeDecodeError:
         return "a header that is not ASCII"
@@ -308,7 +312,7 @@ class FastConnection(asyncio.Protocol):
         stream, slots, model = False, 1, None
         if candidate.body is not None:
             try:
-                parsed, body, slots, model = admit_body(candidate.body, lane.body_limits)
+                parsed, body, slots, model = admit_body(candidate.body, lane.body_limits, candidate.path)
             except RequestRejected:
                 return None  # aiohttp's lane gives the 400 (or the 404 of an unknown model)
             stream = parsed.get("stream") is True

@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.admission import Admissions
-from gateway.auth import caller_key
+from gateway.auth import caller_key, credential
 from gateway.drain import Drain
 from gateway.requestid import HEADER as REQUEST_ID_HEADER
 from gateway.requestid import RequestIds
@@ -82,7 +82,9 @@ def may_see_backend_log(request: web.Request) -> bool:
     except ValueError:
         pass
     return request.app[SETTINGS].auth_enabled and caller_key(request.app[KEYS].ring,
-                                                             request.headers.get("Authorization", "")) is not None
+                                                             credential(request.headers.get("Authorization", ""),
+                                                                        request.headers.get("x-api-key", ""))) \
+        is not None
 
 
 def add_routes(app: web.Application) -> None:

@@ -28,7 +28,7 @@ from typing import NamedTuple, Protocol
 from gateway import models as listing
 from gateway.admission import Admissions, QueueFull, QueueTimeout
 from gateway.auth import Admitted
-from gateway.errors import error_body, sse_error_event
+from gateway.errors import error_body, shaped, sse_error_event
 from gateway.metrics import Metrics
 from gateway.observe import JSON, SSE, Answer, Observer
 from gateway.ratelimit import Decision
@@ -37,6 +37,7 @@ from gateway.stats import Stats
 from gateway.usage import StreamTail
 from lifecycle.backend import Backend, Failure
 from lifecycle.router import ModelLoadFailed
+from lifecycle.routes import feature_missing, route_of, shape_of
 from lifecycle.settings import Settings
 from lifecycle.upstream import (
     Reply,
@@ -135,6 +136,10 @@ class Pipeline:
         if not self.backend.ready:
             self.refuse(ex, wire, unavailable(self.backend.state.value))
             return
+        route = route_of(ex.path)
+        if route is not None and (missing := feature_missing(route, self.settings)) is not None:
+            self.refuse(ex, wire, Refusal(501, missing, "feature_not_enabled"))
+            return
         if ex.body is None:
             self.answer(ex, wire, await self.get(ex))
             return
@@ -206,7 +211,8 @@ class Pipeline:
     def refuse(self, ex: Exchange, wire: Wire, refusal: Refusal) -> None:
         if refusal.reason is not None:
             ex.rejected = refusal.reason
-        wire.send(refusal.status, JSON_TYPE, refusal.body(), refusal.headers)
+        wire.send(refusal.status, JSON_TYPE, shaped(shape_of(ex.path), refusal.status, refusal.body()),
+                  refusal.headers)
         ex.status = refusal.status
 
     def answer(self, ex: Exchange, wire: Wire, reply: Reply | Refusal) -> None:
@@ -214,7 +220,8 @@ class Pipeline:
         if isinstance(reply, Refusal):
             self.refuse(ex, wire, reply)
             return
-        wire.send(reply.status, reply.content_type or JSON_TYPE, reply.body, None)
+        body = reply.body if reply.status < 400 else shaped(shape_of(ex.path), reply.status, reply.body)
+        wire.send(reply.status, reply.content_type or JSON_TYPE, body, None)
         ex.status = reply.status
 
     # --- upstream ------------------------------------------------------------------------------------------------
@@ -277,7 +284,7 @@ class Pipeline:
         ex.status = resp.status
         tail = StreamTail()  # the last few KB, where llama-server puts usage and timings
         try:
-            client_left = await relay(resp, wire, tail, ex.path, ex.request_id)
+            client_left = await relay(resp, wire, tail, ex.path, ex.request_id, shape_of(ex.path))
         finally:
             # Also when cancelled: a client that closes as soon as it reads [DONE] cancels its request.
             ex.answer = Answer(SSE, bytes(tail))
@@ -288,7 +295,8 @@ class Pipeline:
             await wire.close()
 
 
-async def relay(resp: Stream, wire: Wire, tail: StreamTail, path: str, request_id: str) -> bool:
+async def relay(resp: Stream, wire: Wire, tail: StreamTail, path: str, request_id: str,
+                shape: str = "openai") -> bool:
     """Pass the backend's events on as they arrive; True when the client left.
 
     tail.first_at is when the first piece arrived (monotonic), for time-to-first-token."""
@@ -305,7 +313,7 @@ async def relay(resp: Stream, wire: Wire, tail: StreamTail, path: str, request_i
                         request_id)
             message = ("the model backend sent nothing for too long (STREAM_IDLE_TIMEOUT)" if timed_out
                        else "the model backend broke off the stream")
-            chunk, failed = sse_error_event(message, "backend_timeout" if timed_out else "backend_error"), True
+            chunk, failed = sse_error_event(message, "backend_timeout" if timed_out else "backend_error", shape), True
             if not last.endswith(b"\n\n"):
                 chunk = b"\n\n" + chunk  # end the backend's half-sent event first
         else:

@@ -73,7 +73,7 @@ async def proxy_json(request: web.Request) -> web.StreamResponse:
     """POST to a JSON route: the body's rules, then the pipeline (queue, upstream, relay)."""
     app, ex = request.app, request[EXCHANGE]
     try:
-        parsed, ex.body, ex.slots, ex.model = admit_body(await read_body(request), app[LIMITS])
+        parsed, ex.body, ex.slots, ex.model = admit_body(await read_body(request), app[LIMITS], request.path)
     except RequestRejected as exc:
         ex.rejected = "invalid"
         return error_response(exc.status, str(exc), exc.code, param=exc.param)

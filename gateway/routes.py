@@ -14,7 +14,9 @@ and the probes read it from here.
 
 from __future__ import annotations
 
-JSON_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+from lifecycle.routes import JSON_ROUTES as _TABLE
+
+JSON_ROUTES = tuple(_TABLE)  # lifecycle.routes: the API surface, shared with serverless mode
 GET_ROUTES = ("/v1/models",)
 MODEL_ROUTE = "/v1/models/{id}"
 ADMIN_ROUTES = ("/admin/models/load", "/admin/models/unload", "/admin/models/refresh")

@@ -147,7 +147,7 @@ def encode_body(call: BackendCall, limits: Limits) -> bytes | None:
         raise JobInputError("job input has a value that is not valid JSON (NaN, Infinity or a lone surrogate)") \
             from None
     try:
-        return admit_body(raw, limits)[1]
+        return admit_body(raw, limits, call.path).raw
     except RequestRejected as exc:
         where = ("" if exc.param == "model" and call.native else "sampling_params." if call.native and exc.param
                  else "openai_input." if exc.param else "")

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+from lifecycle.routes import Route, route_of
 from lifecycle.settings import Settings
 
 MAX_PROBS = 20  # OpenAI's own cap for top_logprobs; llama-server returns n_probs entries for every token
@@ -35,9 +36,18 @@ MAX_LOGIT_BIAS = 1024
 # The request field and its aliases, as llama-server reads them (tools/server/server-schema.cpp).
 TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "n_predict", "max_output_tokens")
 COMPLETION_COUNT_FIELDS = ("n", "n_cmpl")
+# Fields llama-server reads that no client of a public API may set, on any route (docs/API.md, "Never public").
+REFUSED_FIELDS = {
+    "id_slot": "it pins the request to one backend slot and its cached prompt",
+    "lora": "it changes the LoRA adapters' scales",
+    "chat_format": "it is an internal parser setting of llama-server",
+    "chat_parser": "it loads a parser definition into llama-server",
+    "reasoning_control": "it arms /v1/chat/completions/control, which the gateway never serves",
+}
+STOP_FIELDS = ("stop", "stop_sequences")  # OpenAI's and Anthropic's names for the stop sequences
 CHECKED = frozenset({*TOKEN_FIELDS, *COMPLETION_COUNT_FIELDS, "n_probs", "top_logprobs", "logprobs",
-                     "dry_sequence_breakers", "dry_penalty_last_n", "dry_allowed_length", "stop", "samplers",
-                     "logit_bias"})
+                     "dry_sequence_breakers", "dry_penalty_last_n", "dry_allowed_length", *STOP_FIELDS, "samplers",
+                     "logit_bias", *REFUSED_FIELDS})
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -173,6 +183,9 @@ def check_fields(body: dict[str, Any], limits: Limits) -> None:
     """Refuse (RequestRejected) the fields that would cost the backend without bound."""
     if CHECKED.isdisjoint(body):
         return  # the usual body: none of them (one set operation, not a look-up per field)
+    for name, why in REFUSED_FIELDS.items():
+        if name in body:
+            raise RequestRejected(f"{name} may not be set: {why}", name, "field_not_allowed")
     for name in TOKEN_FIELDS:
         _int(body, name, -1, limits.max_tokens,
              f"use 1 to {limits.max_tokens} (MAX_TOKENS), or -1 or leave it out for up to MAX_TOKENS")
@@ -193,7 +206,8 @@ def check_fields(body: dict[str, Any], limits: Limits) -> None:
     _int(body, "dry_penalty_last_n", -1, limits.max_dry_penalty_last_n,
          f"use -1 (the context) or 0 to {limits.max_dry_penalty_last_n}")
     _int(body, "dry_allowed_length", 0, 1 << 16, "use 0 to 65536")
-    _list(body, "stop", MAX_STOP, "stop sequences")
+    for name in STOP_FIELDS:
+        _list(body, name, MAX_STOP, "stop sequences")
     _list(body, "samplers", MAX_SAMPLERS, "samplers")
     bias = body.get("logit_bias")
     if isinstance(bias, (dict, list)) and len(bias) > MAX_LOGIT_BIAS:
@@ -218,9 +232,25 @@ def choose_model(body: dict[str, Any], limits: Limits) -> str | None:
     return limits.models.choose(body.get("model")).id
 
 
-def prepare_body(body: dict[str, Any], raw: bytes, limits: Limits, model: str | None = None) -> bytes:
+def check_route(body: dict[str, Any], route: Route | None) -> None:
+    """What one route's body needs beyond the shared rules (llama-server would answer a 500 instead)."""
+    if route is None:
+        return
+    if route.path == "/infill":
+        for name in ("input_prefix", "input_suffix"):
+            if not isinstance(body.get(name), str):
+                raise RequestRejected(f"{name} must be a string (the code before and after the cursor)", name)
+        if body.get("prompt") is not None and not isinstance(body["prompt"], str):
+            raise RequestRejected("prompt must be a string", "prompt")
+
+
+def prepare_body(body: dict[str, Any], raw: bytes, limits: Limits, model: str | None = None,
+                 route: Route | None = None) -> bytes:
     """What goes to llama-server: `raw` as received, unless a setting changes the request."""
     changes: dict[str, Any] = {}
+    if route is not None and route.shape == "anthropic" and route.generates and body.get("max_tokens") is None:
+        # Anthropic's API requires it; llama-server would put 4096 in its place, whatever MAX_TOKENS says
+        changes["max_tokens"] = limits.max_tokens
     if not limits.shared_prompt_cache and body.get("cache_prompt") is not False:
         changes["cache_prompt"] = False
     if model is not None and body.get("model") != model:
@@ -237,9 +267,11 @@ class Prepared(NamedTuple):
     model: str | None  # the chosen model's id with several models, else None
 
 
-def admit_body(raw: bytes, limits: Limits) -> Prepared:
-    """All of the above in order, for a route whose body is a JSON object."""
+def admit_body(raw: bytes, limits: Limits, path: str | None = None) -> Prepared:
+    """All of the above in order, for a route whose body is a JSON object (`path`: its route, lifecycle.routes)."""
     body = parse_json_object(raw)
     check_fields(body, limits)
+    route = route_of(path) if path is not None else None
+    check_route(body, route)
     model = choose_model(body, limits)
-    return Prepared(body, prepare_body(body, raw, limits, model), slots_needed(body), model)
+    return Prepared(body, prepare_body(body, raw, limits, model, route), slots_needed(body), model)

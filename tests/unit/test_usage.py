@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.usage import TAIL_BYTES, StreamTail, Usage, usage_from_json, usage_from_sse
+from gateway.usage import HEAD_BYTES, TAIL_BYTES, StreamTail, Usage, usage_from_json, usage_from_sse
 
 CHUNK = ('data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":" you"}}],"created":1795609032,'
          '"id":"chatcmpl-b","model":"smol","system_fingerprint":"b1-0c1e570","object":"chat.completion.chunk"}\n\n')
@@ -93,9 +93,32 @@ def test_stream_tail_keeps_the_last_bytes() -> None:
         tail.feed(CHUNK.encode())
     tail.feed(TAIL_WITH_USAGE)
     kept = bytes(tail)
-    assert len(kept) == TAIL_BYTES and TAIL_WITH_USAGE.endswith(kept[-len(TAIL_WITH_USAGE):])
+    # the first HEAD_BYTES (an Anthropic stream's message_start), then the last TAIL_BYTES
+    assert kept.startswith(CHUNK.encode()) and len(kept) == HEAD_BYTES + 2 + TAIL_BYTES
+    assert TAIL_WITH_USAGE.endswith(kept[-len(TAIL_WITH_USAGE):])
     assert len(tail.buffer) <= 2 * TAIL_BYTES
     assert usage_from_sse(kept) == Usage(31, 8, pytest.approx(0.048141))
     short = StreamTail()
     short.feed(b"abc")
     assert bytes(short) == b"abc"
+
+
+def test_responses_and_anthropic_usage() -> None:
+    responses = (b'{"id":"resp_1","object":"response","output":[],"status":"completed","usage":{"input_tokens":31,'
+                 b'"input_tokens_details":{"cached_tokens":30},"output_tokens":8,"total_tokens":39}}')
+    assert usage_from_json(responses) == Usage(31, 8)
+    anthropic = (b'{"content":[],"id":"x","type":"message","usage":{"cache_read_input_tokens":20,"input_tokens":11,'
+                 b'"output_tokens":8}}')
+    assert usage_from_json(anthropic) == Usage(31, 8)
+    stream = (b'event: message_start\ndata: {"message":{"usage":{"cache_read_input_tokens":20,"input_tokens":11,'
+              b'"output_tokens":0}},"type":"message_start"}\n\n'
+              b'event: content_block_delta\ndata: {"delta":{"text":"hi","type":"text_delta"},"index":0}\n\n'
+              b'event: message_delta\ndata: {"delta":{"stop_reason":"end_turn"},"type":"message_delta",'
+              b'"usage":{"output_tokens":8}}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n')
+    assert usage_from_sse(stream) == Usage(31, 8)
+    long = StreamTail()
+    long.feed(stream[:stream.index(b"event: content_block_delta")])  # message_start, in the head
+    for _ in range(2000):
+        long.feed(b'event: content_block_delta\ndata: {"delta":{"text":"x","type":"text_delta"},"index":0}\n\n')
+    long.feed(stream[stream.index(b"event: message_delta"):])
+    assert usage_from_sse(bytes(long)) == Usage(31, 8)
