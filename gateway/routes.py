@@ -25,6 +25,10 @@ PROBES = frozenset({"/ping", "/health", "/metrics"})
 ALWAYS_PUBLIC = frozenset({"/ping", "/health"})
 
 
+_COUNTED = frozenset(JSON_ROUTES)
+
+
 def counted(path: str) -> bool:
-    """Whether a request counts in the API request totals (stats, /health's view of traffic)."""
-    return path.startswith("/v1/")
+    """Whether a request counts in the API request totals (stats, /health's view of traffic): /v1/ and the
+    llama.cpp routes of the table (/tokenize, /infill, /rerank, ...)."""
+    return path.startswith("/v1/") or path in _COUNTED
