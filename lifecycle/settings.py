@@ -69,6 +69,7 @@ REFUSED_BACKEND_FLAGS: dict[str, str] = {
     "--slot-save-path": _HOST + " (POST /slots writes and reads KV-cache files)",
     "--props": _HOST + " (POST /props changes llama-server's settings)",
     "--rpc": "it sends the model and the work to other hosts (RPC servers)",
+    "--log-prompts-dir": "it writes every prompt to disk (llama.cpp's debugging aid)",
     "--models-dir": _ROUTER,
     "--models-preset": _ROUTER,
     "--models-max": _ROUTER,
@@ -77,6 +78,11 @@ REFUSED_BACKEND_FLAGS: dict[str, str] = {
     "-n": "use MAX_TOKENS",
     "--predict": "use MAX_TOKENS",
     "--n-predict": "use MAX_TOKENS",
+    # The gateway must know which of these is on (lifecycle.routes.feature_missing), so they are settings.
+    "--embedding": "use EMBEDDINGS=true",
+    "--embeddings": "use EMBEDDINGS=true",
+    "--rerank": "use RERANK=true",
+    "--reranking": "use RERANK=true",
 }
 
 
@@ -355,9 +361,24 @@ VARIABLES: tuple[Var, ...] = (
             "one request may still use the whole context; pass `--no-kv-unified` in `EXTRA_ARGS` to split it "
             "`CTX / PARALLEL` per slot."),
     Var("THREADS", "backend", "int", 0, doc="CPU threads (`-t`); 0 = llama-server decides."),
+    Var("EMBEDDINGS", "backend", "bool", False, new=True,
+        doc="Start llama-server with `--embeddings`, for an embedding model: `/v1/embeddings` works only then "
+            "(otherwise it answers a 501 naming this variable). llama.cpp says of the flag \"restrict to only "
+            "support embedding use case; use only with dedicated embedding models\": a generative model started "
+            "with it still answers chat here, but every prompt token then computes its embedding and the batch "
+            "shrinks to the micro-batch (`-ub`, 512), so prompts are processed more slowly, and an embedding input "
+            "must fit in one micro-batch. A model with no pooling of its own (most generative ones) also needs "
+            "`--pooling mean` (or `cls`, `last`) in `EXTRA_ARGS`, else `/v1/embeddings` answers 400 \"Pooling "
+            "type 'none' is not OAI compatible\"."),
+    Var("RERANK", "backend", "bool", False, new=True,
+        doc="Start llama-server with `--rerank` (embeddings with rank pooling), for a reranker model (e.g. "
+            "bge-reranker-v2-m3): `/v1/rerank` (and `/rerank`, `/v1/reranking`, `/reranking`) work only then "
+            "(otherwise a 501 naming this variable). A model without a classifier head loads with it and answers, "
+            "but its scores mean nothing."),
     Var("EXTRA_ARGS", "backend", "args", (), check=check_extra_args,
-        doc="More llama-server arguments, split like a shell line (`EXTRA_ARGS=\"--embeddings --pooling mean\"`). "
-            "Flags that would rebind, unlock or arm the backend are refused at start-up (exit 2), see below."),
+        doc="More llama-server arguments, split like a shell line (`EXTRA_ARGS=\"--pooling mean -ub 1024\"`). "
+            "Flags that would rebind, unlock or arm the backend are refused at start-up (exit 2), see below; "
+            "`--embeddings` and `--rerank` are the settings `EMBEDDINGS` and `RERANK`."),
     Var("PORT_BACKEND", "backend", "port", 8080, doc="llama-server's port, bound to 127.0.0.1 only."),
     Var("BACKEND_PORT", "backend", alias_of="PORT_BACKEND", deprecated=True),
     Var("BACKEND_STOP_TIMEOUT", "backend", "float", 10.0, new=True,
@@ -586,6 +607,8 @@ class Settings:
     ctx: int | None = setting("CTX")
     threads: int = setting("THREADS")
     extra_args: tuple[str, ...] = setting("EXTRA_ARGS")
+    embeddings: bool = setting("EMBEDDINGS")  # llama-server's --embeddings (lifecycle.routes: feature "embeddings")
+    rerank: bool = setting("RERANK")  # llama-server's --rerank (lifecycle.routes: feature "rerank")
 
     host: str = setting("HOST")
     port: int = setting("PORT")

@@ -62,6 +62,12 @@ def build(env: dict[str, str]) -> Settings:
         ("-n=64", "-n"),
         ("--n-predict 64", "--n-predict"),
         ("--predict 64", "--predict"),
+        ("--log-prompts-dir /tmp/p", "--log-prompts-dir"),
+        ("--log_prompts_dir=/tmp/p", "--log-prompts-dir"),
+        ("--embeddings --pooling mean", "--embeddings"),
+        ("--embedding", "--embedding"),
+        ("--rerank", "--rerank"),
+        ("--reranking", "--reranking"),
     ],
 )
 def test_extra_args_that_open_the_backend_are_refused(extra: str, flag: str) -> None:
@@ -77,7 +83,30 @@ def test_n_predict_points_at_max_tokens() -> None:
         build({"EXTRA_ARGS": "-n 16"})
 
 
-@pytest.mark.parametrize("extra", ["--embeddings --pooling mean", "-fa on -ctk q8_0", "--no-kv-unified",
+@pytest.mark.parametrize(("extra", "setting"), [("--embeddings", "EMBEDDINGS"), ("--embedding", "EMBEDDINGS"),
+                                                ("--rerank", "RERANK"), ("--reranking", "RERANK")])
+def test_feature_flags_point_at_their_settings(extra: str, setting: str) -> None:
+    with pytest.raises(SettingsError, match=f"use {setting}=true"):
+        build({"EXTRA_ARGS": extra})
+
+
+@pytest.mark.parametrize(("env", "flags"), [({}, []), ({"EMBEDDINGS": "true"}, ["--embeddings"]),
+                                            ({"RERANK": "on"}, ["--rerank"]),
+                                            ({"EMBEDDINGS": "1", "RERANK": "1"}, ["--embeddings", "--rerank"])])
+def test_embeddings_and_rerank_start_llama_server_with_their_flags(env: dict[str, str], flags: list[str]) -> None:
+    from lifecycle.supervisor import router_defaults
+
+    settings = build({**env, "EXTRA_ARGS": "--pooling mean"})
+    assert (settings.embeddings, settings.rerank) == ("--embeddings" in flags, "--rerank" in flags)
+    cmd = backend_command(settings, Path("/bin/llama-server"), Path("/m/model.gguf"))
+    assert [arg for arg in cmd if arg in ("--embeddings", "--rerank")] == flags
+    assert cmd[-2:] == ["--pooling", "mean"]  # EXTRA_ARGS still last
+    options = router_defaults(settings)  # router mode: every model's [*] preset options
+    assert {key: options.get(key) for key in ("embeddings", "rerank") if key in options} == \
+        {flag[2:]: "true" for flag in flags}
+
+
+@pytest.mark.parametrize("extra", ["--pooling mean -ub 1024", "-fa on -ctk q8_0", "--no-kv-unified",
                                    "--no-agent", "--no-webui-mcp-proxy", "--no-slots", "--rope-scale -1",
                                    "-np 4 -ngl 10 --alias mine", "--reasoning-budget -1"])
 def test_ordinary_extra_args_pass(extra: str) -> None:
@@ -128,12 +157,28 @@ def test_child_environment_keeps_only_what_we_set() -> None:
     inherited = {"PATH": "/bin", "HOME": "/root", "HF_TOKEN": "hf_x", "CUDA_VISIBLE_DEVICES": "0",
                  "LLAMA_ARG_TOOLS": "all", "LLAMA_ARG_HOST": "0.0.0.0", "LLAMA_ARG_NO_WEBUI": "1",
                  "LLAMA_API_KEY": "inherited", "AIP_MODE": "PREDICTION", "AIP_HTTP_PORT": "9",
-                 "LLAMA_SERVER_ROUTER_PORT": "1", "LLAMA_SERVER_CHILD_MODE": "download", "LLAMA_APP_CMD": "x"}
+                 "LLAMA_SERVER_ROUTER_PORT": "1", "LLAMA_SERVER_CHILD_MODE": "download", "LLAMA_APP_CMD": "x",
+                 "LLAMA_SERVER_SLOTS_DEBUG": "1", "LLAMA_SERVER_SLOTS_N_DIFF": "8", "LLAMA_TRACE": "1",
+                 "LLAMA_MEDIA_MARKER": "<m>"}
     env, dropped = backend_env(inherited, "per-boot")
     assert env == {"PATH": "/bin", "HOME": "/root", "HF_TOKEN": "hf_x", "CUDA_VISIBLE_DEVICES": "0",
                    "LLAMA_API_KEY": "per-boot"}
     assert dropped == ["AIP_HTTP_PORT", "AIP_MODE", "LLAMA_APP_CMD", "LLAMA_ARG_HOST", "LLAMA_ARG_NO_WEBUI",
-                       "LLAMA_ARG_TOOLS", "LLAMA_SERVER_CHILD_MODE", "LLAMA_SERVER_ROUTER_PORT"]
+                       "LLAMA_ARG_TOOLS", "LLAMA_MEDIA_MARKER", "LLAMA_SERVER_CHILD_MODE", "LLAMA_SERVER_ROUTER_PORT",
+                       "LLAMA_SERVER_SLOTS_DEBUG", "LLAMA_SERVER_SLOTS_N_DIFF", "LLAMA_TRACE"]
+
+
+@pytest.mark.skipif(not ARG_CPP.is_file(), reason="llama.cpp source not unpacked")
+def test_every_debug_switch_llama_server_reads_is_scrubbed() -> None:
+    """The getenv() names of tools/server (GET /slots shows prompts with LLAMA_SERVER_SLOTS_DEBUG) are dropped."""
+    import re
+
+    server = ARG_CPP.parent.parent / "tools" / "server"
+    names = {name for path in server.glob("*.cpp")
+             for name in re.findall(r'getenv\("([A-Z0-9_]+)"\)', path.read_text(errors="replace"))}
+    assert "LLAMA_SERVER_SLOTS_DEBUG" in names
+    env, _ = backend_env({name: "1" for name in names}, "k")
+    assert set(env) - {"LLAMA_API_KEY"} <= {"HOME"}  # HOME: where it looks for its config file
 
 
 @pytest.mark.skipif(not ARG_CPP.is_file(), reason="llama.cpp source not unpacked")
@@ -148,7 +193,7 @@ def test_every_env_name_llama_server_reads_is_scrubbed() -> None:
 
 
 def test_the_key_is_not_on_the_command_line(tmp_path: Path) -> None:
-    settings = build({"EXTRA_ARGS": "--embeddings"})
+    settings = build({"EMBEDDINGS": "true"})
     cmd = backend_command(settings, Path("/bin/llama-server"), tmp_path / "m.gguf")
     assert not any("api-key" in arg for arg in cmd)
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
