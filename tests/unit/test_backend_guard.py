@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from lifecycle.routes import JSON_ROUTES
 from lifecycle.settings import (
+    NEVER_PUBLIC,
     REFUSED_BACKEND_FLAGS,
+    SAFE_PASSTHROUGH_ROUTES,
     Settings,
     SettingsError,
     backend_flag_name,
     main,
+    never_public,
     passthrough_methods,
     read_bool,
 )
@@ -128,29 +133,54 @@ def test_every_refused_flag_is_a_real_llama_server_flag() -> None:
         assert f'"{flag}"' in source, flag
 
 
-@pytest.mark.parametrize(
-    ("route", "methods"),
-    [("/props", ("GET",)), ("/slots", ("GET",)), ("/lora-adapters", ("GET",)), ("/models", ("GET",)),
-     ("/tokenize", ("GET", "POST")), ("/detokenize", ("GET", "POST")), ("/apply-template", ("GET", "POST"))],
-)
-def test_passthrough_methods(route: str, methods: tuple[str, ...]) -> None:
-    assert passthrough_methods(route) == methods
+@pytest.mark.parametrize("route", ["/props", "/slots", "/lora-adapters"])
+def test_passthrough_opens_the_safe_list_for_get_only(route: str) -> None:
+    assert passthrough_methods(route) == ("GET",)
     assert build({"PASSTHROUGH_ROUTES": route}).passthrough_routes == (route,)
 
 
+def test_the_safe_list_is_the_documented_one() -> None:
+    assert tuple(SAFE_PASSTHROUGH_ROUTES) == ("/props", "/slots", "/lora-adapters")
+
+
 @pytest.mark.parametrize(
-    "route",
-    ["/tools", "/tools/x", "/cors-proxy", "/slots/0", "/slots/0/save", "/models/load", "/models/unload",
-     "/models/sse", "/health", "/ping", "/metrics", "/reload", "/%74ools", "/slots/../tools", "/x/./y", "/a b",
-     "tokenize", "/v1/models"],
+    ("route", "says"),
+    [*((route, "is served by default, no need to open it") for route in JSON_ROUTES),
+     ("/health", "the gateway answers it itself"), ("/ping", "the gateway answers it itself"),
+     ("/metrics", "the gateway answers it itself"), ("/reload", "the gateway answers it itself"),
+     ("/v1/models", "the gateway answers it itself"),
+     ("/slots/0", "may never be opened: saves, restores or erases"), ("/slots/0/save", "may never be opened"),
+     ("/tools", "shell commands"), ("/tools/x", "shell commands"), ("/cors-proxy", "SSRF"),
+     ("/models", "router mode"), ("/models/load", "router mode"), ("/models/unload", "router mode"),
+     ("/models/sse", "router mode"), ("/v1/stream", "another client's stream"),
+     ("/v1/streams/lookup", "oracle"), ("/v1/chat/completions/control", "reasoning short"),
+     ("/v1/audio/transcriptions", "multipart"), ("/audio/transcriptions", "/v1/audio/transcriptions"),
+     ("/completion", "is not on the safe list: /props, /slots, /lora-adapters"), ("/", "not a plain path"),
+     ("/embedding", "not on the safe list"), ("/v1/models/x", "not on the safe list"),
+     ("/metrics/x", "not on the safe list"), ("/index.html", "not on the safe list"),
+     ("/%74ools", "not a plain path"), ("/slots/../tools", "not a plain path"), ("/x/./y", "not a plain path"),
+     ("/a b", "not a plain path"), ("tokenize", "tokenize is not a plain path such as /props")],
 )
-def test_passthrough_refuses_routes_that_arm_or_collide(route: str) -> None:
-    with pytest.raises(ValueError):
+def test_passthrough_refuses_every_other_route_saying_why(route: str, says: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
         passthrough_methods(route)
     with pytest.raises(SettingsError) as err:
         build({"PASSTHROUGH_ROUTES": f"/props,{route}"})
-    assert str(err.value).startswith("PASSTHROUGH_ROUTES")
+    assert str(err.value).startswith(f"PASSTHROUGH_ROUTES: {route} ")
     assert "\n" not in str(err.value)
+
+
+def test_every_never_public_route_is_refused_and_none_is_safe() -> None:
+    for key in NEVER_PUBLIC:
+        method, _, path = key.rpartition(" ")
+        path = path.replace("<id>", "0")
+        assert never_public(path) is None if method else never_public(path) == NEVER_PUBLIC[key], key
+        if method:  # a method of a safe route: the route itself opens for GET alone
+            assert path in SAFE_PASSTHROUGH_ROUTES and passthrough_methods(path) == ("GET",)
+        else:
+            assert path not in SAFE_PASSTHROUGH_ROUTES and path not in JSON_ROUTES
+            with pytest.raises(ValueError, match="may never be opened"):
+                passthrough_methods(path)
 
 
 def test_child_environment_keeps_only_what_we_set() -> None:
@@ -171,8 +201,6 @@ def test_child_environment_keeps_only_what_we_set() -> None:
 @pytest.mark.skipif(not ARG_CPP.is_file(), reason="llama.cpp source not unpacked")
 def test_every_debug_switch_llama_server_reads_is_scrubbed() -> None:
     """The getenv() names of tools/server (GET /slots shows prompts with LLAMA_SERVER_SLOTS_DEBUG) are dropped."""
-    import re
-
     server = ARG_CPP.parent.parent / "tools" / "server"
     names = {name for path in server.glob("*.cpp")
              for name in re.findall(r'getenv\("([A-Z0-9_]+)"\)', path.read_text(errors="replace"))}
@@ -184,8 +212,6 @@ def test_every_debug_switch_llama_server_reads_is_scrubbed() -> None:
 @pytest.mark.skipif(not ARG_CPP.is_file(), reason="llama.cpp source not unpacked")
 def test_every_env_name_llama_server_reads_is_scrubbed() -> None:
     """Every set_env(...) name in arg.cpp but HF_TOKEN and MTMD_BACKEND_DEVICE (which open nothing) is dropped."""
-    import re
-
     names = set(re.findall(r'set_env\("([A-Z0-9_]+)"\)', ARG_CPP.read_text()))
     assert len(names) > 100
     env, _ = backend_env({name: "1" for name in names}, "k")
