@@ -405,11 +405,11 @@ VARIABLES: tuple[Var, ...] = (
         doc="Start llama-server with `--embeddings`, for an embedding model: `/v1/embeddings` works only then "
             "(otherwise it answers a 501 naming this variable). llama.cpp says of the flag \"restrict to only "
             "support embedding use case; use only with dedicated embedding models\": a generative model started "
-            "with it still answers chat here, but every prompt token then computes its embedding and the batch "
-            "shrinks to the micro-batch (`-ub`, 512), so prompts are processed more slowly, and an embedding input "
-            "must fit in one micro-batch. A model with no pooling of its own (most generative ones) also needs "
-            "`--pooling mean` (or `cls`, `last`) in `EXTRA_ARGS`, else `/v1/embeddings` answers 400 \"Pooling "
-            "type 'none' is not OAI compatible\"."),
+            "with it still answers chat (with the llama.cpp built here), but llama-server then computes an output "
+            "for every prompt token, not just the last, and shrinks its batch to the micro-batch (`-ub`, 512), so "
+            "prompts are processed more slowly; an embedding input must fit in one micro-batch. A model with no "
+            "pooling of its own (most generative ones) also needs `--pooling mean` (or `cls`, `last`) in "
+            "`EXTRA_ARGS`, else `/v1/embeddings` answers 400 \"Pooling type 'none' is not OAI compatible\"."),
     Var("RERANK", "backend", "bool", False, new=True,
         doc="Start llama-server with `--rerank` (embeddings with rank pooling), for a reranker model (e.g. "
             "bge-reranker-v2-m3): `/v1/rerank` (and `/rerank`, `/v1/reranking`, `/reranking`) work only then "
