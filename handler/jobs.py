@@ -1,7 +1,8 @@
 """Job input: the two formats a RunPod job may carry, validated into one backend request.
 
-1. OpenAI pass-through, as RunPod's vLLM worker takes it:
-   {"openai_route": "/v1/chat/completions", "openai_input": {...}}
+1. Pass-through, as RunPod's vLLM worker takes it: {"openai_route": "/v1/chat/completions", "openai_input": {...}},
+   for every route the gateway serves (lifecycle.routes.JSON_ROUTES: OpenAI's, the Responses API, Anthropic's
+   Messages API, rerank, tokenize, infill, ...) and GET /v1/models. `openai_input` is the body, sent as it is.
 2. Native: {"messages": [...]} or {"prompt": "..."} with optional "sampling_params" and "stream".
 """
 
@@ -12,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from lifecycle.request_rules import Limits, RequestRejected, admit_body
+from lifecycle.routes import JSON_ROUTES
 
-OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
+MODELS_ROUTE = "/v1/models"  # GET, no body
+OPENAI_ROUTES = (*JSON_ROUTES, MODELS_ROUTE)
 
 # Sampling parameters llama-server understands, with the JSON types each accepts.
 _NUMBER = (int, float)
@@ -82,15 +85,16 @@ def parse_job_input(job_input: Any, max_size: int) -> BackendCall:
 
 def _openai(job_input: dict[str, Any]) -> BackendCall:
     route = job_input["openai_route"]
-    if route not in OPENAI_ROUTES:
+    if not isinstance(route, str) or route not in OPENAI_ROUTES:
         raise JobInputError(f"unknown openai_route {route!r}: use one of {', '.join(OPENAI_ROUTES)}")
-    if route == "/v1/models":
+    if route == MODELS_ROUTE:
         return BackendCall("GET", route, None, stream=False, native=False)
     body = job_input.get("openai_input")
     if not isinstance(body, dict):
-        raise JobInputError("openai_input must be a JSON object with the OpenAI request body")
+        raise JobInputError(f"openai_input must be a JSON object with the request body of {route}")
     stream = _stream_flag(body.get("stream"), "openai_input.stream")
-    return BackendCall("POST", route, body, stream=stream, native=False)
+    # Only a generating route streams: any other answers one JSON object, whatever `stream` says.
+    return BackendCall("POST", route, body, stream=stream and JSON_ROUTES[route].generates, native=False)
 
 
 def _native(job_input: dict[str, Any]) -> BackendCall:

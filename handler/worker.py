@@ -1,10 +1,12 @@
 """The RunPod job handler: one async generator per job, streaming llama-server's output as it arrives.
 
 Output shapes (with `return_aggregate_stream=True` the job's final output is the list of everything yielded):
-- openai_route, non-streaming: one item, the OpenAI response object.
-- openai_route, streaming: strings of raw SSE events (`data: {...}\\n\\n`, ending with `data: [DONE]\\n\\n`),
-  which RunPod's OpenAI-compatible route (`/openai/v1/...`) writes straight into its event stream, as
-  RunPod's vLLM worker does with RAW_OPENAI_OUTPUT.
+- openai_route, non-streaming: one item, the route's JSON answer (the OpenAI response object, ...).
+- openai_route, streaming: strings of raw SSE events exactly as llama-server sent them, which RunPod's
+  OpenAI-compatible route (`/openai/v1/...`) writes straight into its event stream, as RunPod's vLLM worker does
+  with RAW_OPENAI_OUTPUT. Chat and completions: `data: {...}\\n\\n`, ending with `data: [DONE]\\n\\n`; the
+  Responses API (/v1/responses) and Anthropic's Messages API (/v1/messages): their own `event: ...\\ndata: {...}`
+  events, with no [DONE]. Nothing here reads those events.
 - native, streaming: text chunks as they are generated.
 - native, non-streaming: one item, {"text", "finish_reason", "usage"}.
 Anything that goes wrong is one yielded {"error": "..."}, which fails the job; the worker takes the next one.
@@ -21,6 +23,7 @@ from typing import Any
 from handler.jobs import BackendCall, JobInputError, encode_body, parse_job_input
 from lifecycle.backend import Backend, Failure
 from lifecycle.request_rules import Limits
+from lifecycle.routes import feature_missing, route_of
 from lifecycle.settings import Settings
 from lifecycle.upstream import Reply, Stream, Upstream, UpstreamError
 
@@ -109,6 +112,10 @@ class JobHandler:
         job_id = job.get("id", "?")
         try:
             call = parse_job_input(job.get("input"), self.settings.max_request_body_size)
+            route = route_of(call.path)
+            missing = feature_missing(route, self.settings) if route is not None else None
+            if missing is not None:  # EMBEDDINGS or RERANK is off: llama-server would answer a 501
+                raise JobInputError(missing)
             body = encode_body(call, self.limits)
         except JobInputError as exc:
             log.info("job %s rejected: %s", job_id, exc)
@@ -175,7 +182,7 @@ class JobHandler:
             yield {"error": _backend_error(resp.status, await resp.read_all())}
             return
         async for events in sse_batches(resp):
-            if not call.native:
+            if not call.native:  # raw, whatever the format: OpenAI chunks, Responses or Anthropic events
                 yield "".join(event.decode() + "\n\n" for event in events)
                 continue
             for event in events:

@@ -23,6 +23,7 @@ from typing import Any
 
 from lifecycle.platform import detect_data_dir
 from lifecycle.refs import check_repo, check_repo_file, check_url, parse_reference
+from lifecycle.routes import JSON_ROUTES
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -69,6 +70,7 @@ REFUSED_BACKEND_FLAGS: dict[str, str] = {
     "--slot-save-path": _HOST + " (POST /slots writes and reads KV-cache files)",
     "--props": _HOST + " (POST /props changes llama-server's settings)",
     "--rpc": "it sends the model and the work to other hosts (RPC servers)",
+    "--log-prompts-dir": "it writes every prompt to disk (llama.cpp's debugging aid)",
     "--models-dir": _ROUTER,
     "--models-preset": _ROUTER,
     "--models-max": _ROUTER,
@@ -77,6 +79,11 @@ REFUSED_BACKEND_FLAGS: dict[str, str] = {
     "-n": "use MAX_TOKENS",
     "--predict": "use MAX_TOKENS",
     "--n-predict": "use MAX_TOKENS",
+    # The gateway must know which of these is on (lifecycle.routes.feature_missing), so they are settings.
+    "--embedding": "use EMBEDDINGS=true",
+    "--embeddings": "use EMBEDDINGS=true",
+    "--rerank": "use RERANK=true",
+    "--reranking": "use RERANK=true",
 }
 
 
@@ -102,28 +109,67 @@ def check_extra_args(extra_args: Iterable[str]) -> None:
     check_backend_flags(extra_args, "EXTRA_ARGS")
 
 
-# llama-server routes that act on the host or change its state (tools, the CORS proxy, saving or erasing slots,
-# loading router models): never opened, nor anything under them.
-_CLOSED_ROUTES = ("/tools", "/cors-proxy")
-_CLOSED_PREFIXES = ("/tools/", "/cors-proxy/", "/slots/", "/models/")
-# Routes whose POST changes state (settings, LoRA adapters, router models): opened for GET only.
-_GET_ONLY_ROUTES = frozenset({"/props", "/slots", "/lora-adapters", "/models"})
-# Routes the gateway answers itself (gateway.health, gateway.app), and the OpenAI routes under /v1/.
-_GATEWAY_ROUTES = frozenset({"/ping", "/health", "/metrics", "/reload"})
+# PASSTHROUGH_ROUTES may open only these: read-only llama-server routes the gateway does not serve itself, each for
+# GET alone (tools/server/server-context.cpp). Route -> what it shows.
+SAFE_PASSTHROUGH_ROUTES: dict[str, str] = {
+    "/props": "the model's settings, path, chat template and context size",
+    "/slots": "each slot's state: token counts and the last request's sampling parameters (not its text, as "
+              "long as LLAMA_SERVER_SLOTS_DEBUG is scrubbed from llama-server's environment, which the supervisor "
+              "does)",
+    "/lora-adapters": "the loaded LoRA adapters and their scales",
+}
+# llama-server routes that no setting opens, and why. "/x" covers /x and everything under it, "/x/<id>" everything
+# under /x, "METHOD /x" that method of a route the safe list opens for GET only.
+NEVER_PUBLIC: dict[str, str] = {
+    "/slots/<id>": "saves, restores or erases a slot's KV cache: files on the host, another user's context",
+    "POST /props": "changes llama-server's global settings",
+    "POST /lora-adapters": "sets the global LoRA scales, which changes every user's output",
+    "/tools": "llama-server's agent tools run shell commands and read and write files on the host",
+    "/cors-proxy": "fetches any URL from the host (SSRF)",
+    "/models": "router mode: POST /models downloads any Hugging Face repo with the server's token, /models/load and "
+               "/models/unload start and stop models, DELETE /models removes one (the gateway lists the models at "
+               "/v1/models)",
+    "/v1/stream": "replays, tails or cancels another client's stream, knowing only its client-chosen conversation id",
+    "/v1/streams/lookup": "tells whether a guessed conversation id has a stream: an oracle for /v1/stream",
+    "/v1/chat/completions/control": "cuts another live request's reasoning short, knowing only its completion id",
+    "/v1/audio/transcriptions": "its body is multipart, so the gateway's caps on JSON fields (max_tokens, ...) "
+                                "cannot see it",
+    "/audio/transcriptions": "the same route as /v1/audio/transcriptions",
+}
+# Routes the gateway answers itself (gateway.health, gateway.app, gateway.models).
+_GATEWAY_ROUTES = frozenset({"/ping", "/health", "/metrics", "/reload", "/v1/models"})
 _ROUTE = re.compile(r"(/[A-Za-z0-9_-][A-Za-z0-9._-]*)+")
 
 
+def never_public(route: str) -> str | None:
+    """Why `route` may never be opened (its NEVER_PUBLIC entry), or None."""
+    for key, why in NEVER_PUBLIC.items():
+        if " " in key:
+            continue  # a method of a safe route: the safe list opens GET alone
+        if key.endswith("/<id>"):
+            if route.startswith(key[: -len("<id>")]):
+                return why
+        elif route == key or route.startswith(key + "/"):
+            return why
+    return None
+
+
 def passthrough_methods(route: str) -> tuple[str, ...]:
-    """The methods PASSTHROUGH_ROUTES opens on `route`: ("GET",) or ("GET", "POST"). Raises ValueError (saying why)
-    for a route that may never be opened: not a plain path, one the gateway answers itself (/health, /v1/...), or
-    one that acts on the host or on llama-server's state (/tools, /cors-proxy, /slots/<id>, /models/load, ...)."""
+    """The methods PASSTHROUGH_ROUTES opens on `route`: ("GET",) for a route of SAFE_PASSTHROUGH_ROUTES (all are
+    read-only). Raises ValueError (saying why) for any other: not a plain path, a route the gateway serves itself
+    (lifecycle.routes.JSON_ROUTES, /health, /v1/models, ...), a NEVER_PUBLIC one, or one not on the safe list."""
     if not _ROUTE.fullmatch(route) or any(part in (".", "..") for part in route.split("/")):
-        raise ValueError(f"{route} is not a plain path such as /props or /tokenize")
-    if route in _GATEWAY_ROUTES or route.startswith("/v1/"):
+        raise ValueError(f"{route} is not a plain path such as /props")
+    if route in JSON_ROUTES:
+        raise ValueError(f"{route} is served by default, no need to open it")
+    if route in _GATEWAY_ROUTES:
         raise ValueError(f"{route} may not be opened: the gateway answers it itself")
-    if route in _CLOSED_ROUTES or route.startswith(_CLOSED_PREFIXES):
-        raise ValueError(f"{route} may not be opened: it acts on the host or changes llama-server's state")
-    return ("GET",) if route in _GET_ONLY_ROUTES else ("GET", "POST")
+    why = never_public(route)
+    if why is not None:
+        raise ValueError(f"{route} may never be opened: {why}")
+    if route not in SAFE_PASSTHROUGH_ROUTES:
+        raise ValueError(f"{route} is not on the safe list: {', '.join(SAFE_PASSTHROUGH_ROUTES)}")
+    return ("GET",)
 
 
 def _check_ref(name: str, value: str, check: Callable[[str], object]) -> None:
@@ -355,9 +401,24 @@ VARIABLES: tuple[Var, ...] = (
             "one request may still use the whole context; pass `--no-kv-unified` in `EXTRA_ARGS` to split it "
             "`CTX / PARALLEL` per slot."),
     Var("THREADS", "backend", "int", 0, doc="CPU threads (`-t`); 0 = llama-server decides."),
+    Var("EMBEDDINGS", "backend", "bool", False, new=True,
+        doc="Start llama-server with `--embeddings`, for an embedding model: `/v1/embeddings` works only then "
+            "(otherwise it answers a 501 naming this variable). llama.cpp says of the flag \"restrict to only "
+            "support embedding use case; use only with dedicated embedding models\": a generative model started "
+            "with it still answers chat (with the llama.cpp built here), but llama-server then computes an output "
+            "for every prompt token, not just the last, and shrinks its batch to the micro-batch (`-ub`, 512), so "
+            "prompts are processed more slowly; an embedding input must fit in one micro-batch. A model with no "
+            "pooling of its own (most generative ones) also needs `--pooling mean` (or `cls`, `last`) in "
+            "`EXTRA_ARGS`, else `/v1/embeddings` answers 400 \"Pooling type 'none' is not OAI compatible\"."),
+    Var("RERANK", "backend", "bool", False, new=True,
+        doc="Start llama-server with `--rerank` (embeddings with rank pooling), for a reranker model (e.g. "
+            "bge-reranker-v2-m3): `/v1/rerank` (and `/rerank`, `/v1/reranking`, `/reranking`) work only then "
+            "(otherwise a 501 naming this variable). A model without a classifier head loads with it and answers, "
+            "but its scores mean nothing."),
     Var("EXTRA_ARGS", "backend", "args", (), check=check_extra_args,
-        doc="More llama-server arguments, split like a shell line (`EXTRA_ARGS=\"--embeddings --pooling mean\"`). "
-            "Flags that would rebind, unlock or arm the backend are refused at start-up (exit 2), see below."),
+        doc="More llama-server arguments, split like a shell line (`EXTRA_ARGS=\"--pooling mean -ub 1024\"`). "
+            "Flags that would rebind, unlock or arm the backend are refused at start-up (exit 2), see below; "
+            "`--embeddings` and `--rerank` are the settings `EMBEDDINGS` and `RERANK`."),
     Var("PORT_BACKEND", "backend", "port", 8080, doc="llama-server's port, bound to 127.0.0.1 only."),
     Var("BACKEND_PORT", "backend", alias_of="PORT_BACKEND", deprecated=True),
     Var("BACKEND_STOP_TIMEOUT", "backend", "float", 10.0, new=True,
@@ -391,11 +452,12 @@ VARIABLES: tuple[Var, ...] = (
     Var("AUTH_FAILURE_WINDOW", "gateway", "float", 60.0, minimum=1.0, new=True,
         doc="Seconds that failed keys are remembered per address."),
     Var("PASSTHROUGH_ROUTES", "gateway", "list", (), check=check_passthrough_routes, new=True,
-        doc="llama-server routes to open through the gateway (e.g. `/props,/tokenize`); closed by default. Plain "
-            "paths only. `/props`, `/slots`, `/lora-adapters` and `/models` open for GET only (their POST changes "
-            "llama-server's state); `/tools`, `/cors-proxy`, anything under `/slots/`, `/models/` or `/v1/`, and "
-            "the gateway's own `/ping`, `/health`, `/metrics`, `/reload` are refused at start-up (exit 2). Other "
-            "routes open for GET and POST. One rule: `passthrough_methods` in `lifecycle/settings.py`."),
+        doc="Read-only llama-server routes to open through the gateway, for GET only (e.g. `/props,/slots`); "
+            "closed by default. Only the safe list may be opened: `/props`, `/slots`, `/lora-adapters`. Anything "
+            "else is refused at start-up (exit 2) with the reason: a route the gateway serves by default "
+            "(`/tokenize`, `/v1/rerank`, ...: no need to open it), one that is never public (see "
+            "[Routes that are never opened](#routes-that-are-never-opened)), or one not on the list. One rule: "
+            "`passthrough_methods` in `lifecycle/settings.py`."),
     Var("CLIENT_TIMEOUT", "gateway", "float", 30.0, minimum=0.1, new=True,
         doc="Seconds a client may take to send its body (else 408), sit idle or stuck in its headers, or leave an "
             "answer unread: a client that reads nothing for this long while its stream (or a large answer) waits "
@@ -586,6 +648,8 @@ class Settings:
     ctx: int | None = setting("CTX")
     threads: int = setting("THREADS")
     extra_args: tuple[str, ...] = setting("EXTRA_ARGS")
+    embeddings: bool = setting("EMBEDDINGS")  # llama-server's --embeddings (lifecycle.routes: feature "embeddings")
+    rerank: bool = setting("RERANK")  # llama-server's --rerank (lifecycle.routes: feature "rerank")
 
     host: str = setting("HOST")
     port: int = setting("PORT")

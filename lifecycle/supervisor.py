@@ -56,11 +56,16 @@ PROPS_MAX_SIZE = 4 << 20  # GET /props carries the chat template
 KEY_TAIL = "-gw0"
 
 # What llama-server reads from its environment (common/arg.cpp `set_env`, tools/server): every LLAMA_ARG_* setting,
-# the API key, the router's child-mode variables, and Vertex AI's AIP_* (AIP_MODE=PREDICTION plus AIP_HTTP_PORT
-# moves it to another port). HF_TOKEN and MTMD_BACKEND_DEVICE are kept: they open nothing.
+# the API key, the router's child-mode variables, Vertex AI's AIP_* (AIP_MODE=PREDICTION plus AIP_HTTP_PORT
+# moves it to another port), and its debugging switches (tools/server, src): LLAMA_SERVER_SLOTS_DEBUG (GET /slots
+# then shows every slot's prompt and generated text, other users' included, and the log prints prompt tokens),
+# LLAMA_SERVER_SLOTS_N_DIFF (how many of those tokens), LLAMA_TRACE (more tracing in the log) and LLAMA_MEDIA_MARKER
+# (pins the media placeholder, random per start otherwise, so a prompt could forge it). HF_TOKEN and
+# MTMD_BACKEND_DEVICE are kept: they open nothing.
 SCRUBBED_ENV_PREFIXES = ("LLAMA_ARG_", "AIP_")
 SCRUBBED_ENV_NAMES = frozenset({"LLAMA_API_KEY", "LLAMA_SERVER_ROUTER_PORT", "LLAMA_SERVER_CHILD_MODE",
-                                "LLAMA_APP_CMD"})
+                                "LLAMA_APP_CMD", "LLAMA_SERVER_SLOTS_DEBUG", "LLAMA_SERVER_SLOTS_N_DIFF",
+                                "LLAMA_TRACE", "LLAMA_MEDIA_MARKER"})
 # llama-server also reads these config files before its environment and command line (common/arg.cpp).
 CONFIG_FILES = (Path("/etc/llama.cpp/config.ini"),)
 
@@ -216,6 +221,10 @@ def backend_command(settings: Settings, binary: Path, model: Path) -> list[str]:
         cmd.append("--kv-unified")
     if "--metrics" not in settings.extra_args:
         cmd.append("--metrics")  # re-exported on the gateway's /metrics
+    if settings.embeddings:
+        cmd.append("--embeddings")
+    if settings.rerank:
+        cmd.append("--rerank")
     return cmd + list(settings.extra_args)
 
 
@@ -233,6 +242,10 @@ def router_defaults(settings: Settings) -> dict[str, str]:
         options["threads"] = str(settings.threads)
     if not offload.has_flag(extra, offload.KV_UNIFIED_FLAGS):
         options["kv-unified"] = "true"
+    if settings.embeddings:
+        options["embeddings"] = "true"
+    if settings.rerank:
+        options["rerank"] = "true"
     return options
 
 

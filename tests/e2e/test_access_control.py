@@ -254,11 +254,11 @@ def test_backend_internals_are_not_reachable(secured) -> None:  # type: ignore[n
 
 
 def test_passthrough_routes_open_a_backend_route(make_gateway) -> None:  # type: ignore[no-untyped-def]
-    gw = make_gateway({"PASSTHROUGH_ROUTES": "/props,/tokenize"}, name="passthrough")
+    gw = make_gateway({"PASSTHROUGH_ROUTES": "/props,/lora-adapters"}, name="passthrough")
     props = requests.get(f"{gw.url}/props", timeout=10)
     assert props.status_code == 200 and "default_generation_settings" in props.json()
-    tokens = requests.post(f"{gw.url}/tokenize", json={"content": "hello world"}, timeout=10)
-    assert tokens.status_code == 200 and tokens.json()["tokens"]
+    assert requests.get(f"{gw.url}/lora-adapters", timeout=10).json() == []
+    assert requests.post(f"{gw.url}/lora-adapters", json=[{"id": 0, "scale": 1}], timeout=10).status_code == 405
     assert requests.get(f"{gw.url}/slots", timeout=5).status_code == 404
 
 

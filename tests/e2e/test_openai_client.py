@@ -90,7 +90,7 @@ def test_stale_keep_alive_connection_never_fails_a_request(client: openai.OpenAI
 
 
 def test_embeddings(make_gateway) -> None:  # type: ignore[no-untyped-def]
-    gw = make_gateway({"EXTRA_ARGS": "--embeddings --pooling mean"}, name="emb")
+    gw = make_gateway({"EMBEDDINGS": "true", "EXTRA_ARGS": "--pooling mean"}, name="emb")
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
     result = client.embeddings.create(model="any", input=["hello world", "goodbye"])
     assert len(result.data) == 2

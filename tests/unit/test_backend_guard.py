@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from lifecycle.routes import JSON_ROUTES
 from lifecycle.settings import (
+    NEVER_PUBLIC,
     REFUSED_BACKEND_FLAGS,
+    SAFE_PASSTHROUGH_ROUTES,
     Settings,
     SettingsError,
     backend_flag_name,
     main,
+    never_public,
     passthrough_methods,
     read_bool,
 )
@@ -62,6 +67,12 @@ def build(env: dict[str, str]) -> Settings:
         ("-n=64", "-n"),
         ("--n-predict 64", "--n-predict"),
         ("--predict 64", "--predict"),
+        ("--log-prompts-dir /tmp/p", "--log-prompts-dir"),
+        ("--log_prompts_dir=/tmp/p", "--log-prompts-dir"),
+        ("--embeddings --pooling mean", "--embeddings"),
+        ("--embedding", "--embedding"),
+        ("--rerank", "--rerank"),
+        ("--reranking", "--reranking"),
     ],
 )
 def test_extra_args_that_open_the_backend_are_refused(extra: str, flag: str) -> None:
@@ -77,7 +88,30 @@ def test_n_predict_points_at_max_tokens() -> None:
         build({"EXTRA_ARGS": "-n 16"})
 
 
-@pytest.mark.parametrize("extra", ["--embeddings --pooling mean", "-fa on -ctk q8_0", "--no-kv-unified",
+@pytest.mark.parametrize(("extra", "setting"), [("--embeddings", "EMBEDDINGS"), ("--embedding", "EMBEDDINGS"),
+                                                ("--rerank", "RERANK"), ("--reranking", "RERANK")])
+def test_feature_flags_point_at_their_settings(extra: str, setting: str) -> None:
+    with pytest.raises(SettingsError, match=f"use {setting}=true"):
+        build({"EXTRA_ARGS": extra})
+
+
+@pytest.mark.parametrize(("env", "flags"), [({}, []), ({"EMBEDDINGS": "true"}, ["--embeddings"]),
+                                            ({"RERANK": "on"}, ["--rerank"]),
+                                            ({"EMBEDDINGS": "1", "RERANK": "1"}, ["--embeddings", "--rerank"])])
+def test_embeddings_and_rerank_start_llama_server_with_their_flags(env: dict[str, str], flags: list[str]) -> None:
+    from lifecycle.supervisor import router_defaults
+
+    settings = build({**env, "EXTRA_ARGS": "--pooling mean"})
+    assert (settings.embeddings, settings.rerank) == ("--embeddings" in flags, "--rerank" in flags)
+    cmd = backend_command(settings, Path("/bin/llama-server"), Path("/m/model.gguf"))
+    assert [arg for arg in cmd if arg in ("--embeddings", "--rerank")] == flags
+    assert cmd[-2:] == ["--pooling", "mean"]  # EXTRA_ARGS still last
+    options = router_defaults(settings)  # router mode: every model's [*] preset options
+    assert {key: options.get(key) for key in ("embeddings", "rerank") if key in options} == \
+        {flag[2:]: "true" for flag in flags}
+
+
+@pytest.mark.parametrize("extra", ["--pooling mean -ub 1024", "-fa on -ctk q8_0", "--no-kv-unified",
                                    "--no-agent", "--no-webui-mcp-proxy", "--no-slots", "--rope-scale -1",
                                    "-np 4 -ngl 10 --alias mine", "--reasoning-budget -1"])
 def test_ordinary_extra_args_pass(extra: str) -> None:
@@ -99,48 +133,85 @@ def test_every_refused_flag_is_a_real_llama_server_flag() -> None:
         assert f'"{flag}"' in source, flag
 
 
-@pytest.mark.parametrize(
-    ("route", "methods"),
-    [("/props", ("GET",)), ("/slots", ("GET",)), ("/lora-adapters", ("GET",)), ("/models", ("GET",)),
-     ("/tokenize", ("GET", "POST")), ("/detokenize", ("GET", "POST")), ("/apply-template", ("GET", "POST"))],
-)
-def test_passthrough_methods(route: str, methods: tuple[str, ...]) -> None:
-    assert passthrough_methods(route) == methods
+@pytest.mark.parametrize("route", ["/props", "/slots", "/lora-adapters"])
+def test_passthrough_opens_the_safe_list_for_get_only(route: str) -> None:
+    assert passthrough_methods(route) == ("GET",)
     assert build({"PASSTHROUGH_ROUTES": route}).passthrough_routes == (route,)
 
 
+def test_the_safe_list_is_the_documented_one() -> None:
+    assert tuple(SAFE_PASSTHROUGH_ROUTES) == ("/props", "/slots", "/lora-adapters")
+
+
 @pytest.mark.parametrize(
-    "route",
-    ["/tools", "/tools/x", "/cors-proxy", "/slots/0", "/slots/0/save", "/models/load", "/models/unload",
-     "/models/sse", "/health", "/ping", "/metrics", "/reload", "/%74ools", "/slots/../tools", "/x/./y", "/a b",
-     "tokenize", "/v1/models"],
+    ("route", "says"),
+    [*((route, "is served by default, no need to open it") for route in JSON_ROUTES),
+     ("/health", "the gateway answers it itself"), ("/ping", "the gateway answers it itself"),
+     ("/metrics", "the gateway answers it itself"), ("/reload", "the gateway answers it itself"),
+     ("/v1/models", "the gateway answers it itself"),
+     ("/slots/0", "may never be opened: saves, restores or erases"), ("/slots/0/save", "may never be opened"),
+     ("/tools", "shell commands"), ("/tools/x", "shell commands"), ("/cors-proxy", "SSRF"),
+     ("/models", "router mode"), ("/models/load", "router mode"), ("/models/unload", "router mode"),
+     ("/models/sse", "router mode"), ("/v1/stream", "another client's stream"),
+     ("/v1/streams/lookup", "oracle"), ("/v1/chat/completions/control", "reasoning short"),
+     ("/v1/audio/transcriptions", "multipart"), ("/audio/transcriptions", "/v1/audio/transcriptions"),
+     ("/completion", "is not on the safe list: /props, /slots, /lora-adapters"), ("/", "not a plain path"),
+     ("/embedding", "not on the safe list"), ("/v1/models/x", "not on the safe list"),
+     ("/metrics/x", "not on the safe list"), ("/index.html", "not on the safe list"),
+     ("/%74ools", "not a plain path"), ("/slots/../tools", "not a plain path"), ("/x/./y", "not a plain path"),
+     ("/a b", "not a plain path"), ("tokenize", "tokenize is not a plain path such as /props")],
 )
-def test_passthrough_refuses_routes_that_arm_or_collide(route: str) -> None:
-    with pytest.raises(ValueError):
+def test_passthrough_refuses_every_other_route_saying_why(route: str, says: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
         passthrough_methods(route)
     with pytest.raises(SettingsError) as err:
         build({"PASSTHROUGH_ROUTES": f"/props,{route}"})
-    assert str(err.value).startswith("PASSTHROUGH_ROUTES")
+    assert str(err.value).startswith(f"PASSTHROUGH_ROUTES: {route} ")
     assert "\n" not in str(err.value)
+
+
+def test_every_never_public_route_is_refused_and_none_is_safe() -> None:
+    for key in NEVER_PUBLIC:
+        method, _, path = key.rpartition(" ")
+        path = path.replace("<id>", "0")
+        assert never_public(path) is None if method else never_public(path) == NEVER_PUBLIC[key], key
+        if method:  # a method of a safe route: the route itself opens for GET alone
+            assert path in SAFE_PASSTHROUGH_ROUTES and passthrough_methods(path) == ("GET",)
+        else:
+            assert path not in SAFE_PASSTHROUGH_ROUTES and path not in JSON_ROUTES
+            with pytest.raises(ValueError, match="may never be opened"):
+                passthrough_methods(path)
 
 
 def test_child_environment_keeps_only_what_we_set() -> None:
     inherited = {"PATH": "/bin", "HOME": "/root", "HF_TOKEN": "hf_x", "CUDA_VISIBLE_DEVICES": "0",
                  "LLAMA_ARG_TOOLS": "all", "LLAMA_ARG_HOST": "0.0.0.0", "LLAMA_ARG_NO_WEBUI": "1",
                  "LLAMA_API_KEY": "inherited", "AIP_MODE": "PREDICTION", "AIP_HTTP_PORT": "9",
-                 "LLAMA_SERVER_ROUTER_PORT": "1", "LLAMA_SERVER_CHILD_MODE": "download", "LLAMA_APP_CMD": "x"}
+                 "LLAMA_SERVER_ROUTER_PORT": "1", "LLAMA_SERVER_CHILD_MODE": "download", "LLAMA_APP_CMD": "x",
+                 "LLAMA_SERVER_SLOTS_DEBUG": "1", "LLAMA_SERVER_SLOTS_N_DIFF": "8", "LLAMA_TRACE": "1",
+                 "LLAMA_MEDIA_MARKER": "<m>"}
     env, dropped = backend_env(inherited, "per-boot")
     assert env == {"PATH": "/bin", "HOME": "/root", "HF_TOKEN": "hf_x", "CUDA_VISIBLE_DEVICES": "0",
                    "LLAMA_API_KEY": "per-boot"}
     assert dropped == ["AIP_HTTP_PORT", "AIP_MODE", "LLAMA_APP_CMD", "LLAMA_ARG_HOST", "LLAMA_ARG_NO_WEBUI",
-                       "LLAMA_ARG_TOOLS", "LLAMA_SERVER_CHILD_MODE", "LLAMA_SERVER_ROUTER_PORT"]
+                       "LLAMA_ARG_TOOLS", "LLAMA_MEDIA_MARKER", "LLAMA_SERVER_CHILD_MODE", "LLAMA_SERVER_ROUTER_PORT",
+                       "LLAMA_SERVER_SLOTS_DEBUG", "LLAMA_SERVER_SLOTS_N_DIFF", "LLAMA_TRACE"]
+
+
+@pytest.mark.skipif(not ARG_CPP.is_file(), reason="llama.cpp source not unpacked")
+def test_every_debug_switch_llama_server_reads_is_scrubbed() -> None:
+    """The getenv() names of tools/server (GET /slots shows prompts with LLAMA_SERVER_SLOTS_DEBUG) are dropped."""
+    server = ARG_CPP.parent.parent / "tools" / "server"
+    names = {name for path in server.glob("*.cpp")
+             for name in re.findall(r'getenv\("([A-Z0-9_]+)"\)', path.read_text(errors="replace"))}
+    assert "LLAMA_SERVER_SLOTS_DEBUG" in names
+    env, _ = backend_env({name: "1" for name in names}, "k")
+    assert set(env) - {"LLAMA_API_KEY"} <= {"HOME"}  # HOME: where it looks for its config file
 
 
 @pytest.mark.skipif(not ARG_CPP.is_file(), reason="llama.cpp source not unpacked")
 def test_every_env_name_llama_server_reads_is_scrubbed() -> None:
     """Every set_env(...) name in arg.cpp but HF_TOKEN and MTMD_BACKEND_DEVICE (which open nothing) is dropped."""
-    import re
-
     names = set(re.findall(r'set_env\("([A-Z0-9_]+)"\)', ARG_CPP.read_text()))
     assert len(names) > 100
     env, _ = backend_env({name: "1" for name in names}, "k")
@@ -148,7 +219,7 @@ def test_every_env_name_llama_server_reads_is_scrubbed() -> None:
 
 
 def test_the_key_is_not_on_the_command_line(tmp_path: Path) -> None:
-    settings = build({"EXTRA_ARGS": "--embeddings"})
+    settings = build({"EMBEDDINGS": "true"})
     cmd = backend_command(settings, Path("/bin/llama-server"), tmp_path / "m.gguf")
     assert not any("api-key" in arg for arg in cmd)
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"

@@ -73,9 +73,9 @@ def test_ports_must_differ() -> None:
 
 
 def test_lists_and_args() -> None:
-    s = build({"CORS_ORIGINS": "https://a.example, https://b.example,", "EXTRA_ARGS": "--embeddings --pooling 'mean'"})
+    s = build({"CORS_ORIGINS": "https://a.example, https://b.example,", "EXTRA_ARGS": "--pooling 'mean' -ub 1024"})
     assert s.cors_origins == ("https://a.example", "https://b.example")
-    assert s.extra_args == ("--embeddings", "--pooling", "mean")
+    assert s.extra_args == ("--pooling", "mean", "-ub", "1024")
 
 
 def test_max_concurrent_defaults_to_slots() -> None:
