@@ -90,7 +90,8 @@ async def proxy_get(request: web.Request) -> web.StreamResponse:
 
 
 async def proxy_passthrough(request: web.Request) -> web.StreamResponse:
-    """A llama-server route opened with PASSTHROUGH_ROUTES (e.g. /props, /slots, /tokenize): whole answers only."""
+    """A read-only llama-server route opened with PASSTHROUGH_ROUTES (/props, /slots, /lora-adapters): GET, whole
+    answers only."""
     pipeline, ex = request.app[PIPELINE], request[EXCHANGE]
     wire = AiohttpWire(request)
     if not pipeline.backend.ready:

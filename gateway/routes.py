@@ -8,8 +8,9 @@ and the probes read it from here.
 - ADMIN_ROUTES: model load, unload and refresh with several models (gateway.admin): an admin key only.
 - PROBES: the gateway's own (gateway.health, gateway.scrape): never queued, still answered while draining, and
   no key needed for /ping and /health (nor /metrics unless METRICS_AUTH_ENABLED).
-- The llama-server routes an operator opens with PASSTHROUGH_ROUTES (GET-only or GET and POST, as
-  lifecycle.settings.passthrough_methods decides) are added at start-up; they take the aiohttp lane.
+- The read-only llama-server routes an operator opens with PASSTHROUGH_ROUTES (its safe list, GET only, as
+  lifecycle.settings.passthrough_methods decides) are added at start-up; they take the aiohttp lane. Nothing else
+  ever reaches llama-server (lifecycle.routes, lifecycle.settings.NEVER_PUBLIC).
 """
 
 from __future__ import annotations
