@@ -285,3 +285,23 @@ def test_crash_loop_stops_the_worker_for_the_platform(tmp_path: Path, mode: str,
     out = (tmp_path / "handler.out").read_text()
     assert code == 1, out
     assert "crash loop" in out and "stopping this worker" in out
+
+
+def test_openai_route_serves_responses_and_anthropic_messages_in_their_own_stream_formats(api: str) -> None:
+    messages = runsync(api, {"openai_route": "/v1/messages",
+                             "openai_input": {"model": "any", "messages": CHAT, "max_tokens": 4}})
+    (answer,) = messages["output"]
+    assert answer["type"] == "message" and answer["usage"]["output_tokens"] > 0
+    streamed = "".join(runsync(api, {"openai_route": "/v1/messages",
+                                     "openai_input": {"model": "any", "messages": CHAT, "max_tokens": 4,
+                                                      "stream": True}})["output"])
+    assert streamed.startswith("event: message_start\n") and "event: message_stop\n" in streamed
+    assert "[DONE]" not in streamed
+    responses = "".join(runsync(api, {"openai_route": "/v1/responses",
+                                      "openai_input": {"model": "any", "input": "Hi", "max_output_tokens": 4,
+                                                       "stream": True}})["output"])
+    assert "event: response.created\n" in responses and "event: response.completed\n" in responses
+    tokens = runsync(api, {"openai_route": "/tokenize", "openai_input": {"content": "Hello world"}})["output"][0]
+    assert tokens["tokens"]
+    off = runsync(api, {"openai_route": "/v1/rerank", "openai_input": {"query": "a", "documents": ["b"]}})
+    assert "set RERANK=true" in json.dumps(off)
