@@ -6,7 +6,9 @@ serverless mode, through these functions alone.
    Python's json module accepts all of those, and llama-server answers them with a 500.
 2. `check_fields(body, limits)`: the request fields that cost the backend without bound are capped: max_tokens (and
    its aliases) by MAX_TOKENS, n (completions) by the slots one request may take, logprob counts, DRY sampler
-   lists and ranges, stop and sampler lists, logit_bias size. A refusal names the field.
+   lists and ranges, stop and sampler lists, logit_bias size; the fields no public client may set (REFUSED_FIELDS)
+   are refused. `check_media(body, raw)`: no media by http(s) URL (llama-server would fetch it). `check_route`:
+   what one route needs (/infill's prefix and suffix). A refusal names the field.
 3. `slots_needed(body)`: how many backend slots a request takes (n > 1 generates n completions in parallel).
 4. `choose_model(body, limits)`: with several models (MODELS), the model the request's `model` means
    (lifecycle.router.ModelSet.choose: the default for `any`, empty or missing; a 404 for an unknown name).
@@ -232,6 +234,31 @@ def choose_model(body: dict[str, Any], limits: Limits) -> str | None:
     return limits.models.choose(body.get("model")).id
 
 
+# Where a request names media by URL (chat's image_url, the Responses API's input_image, Anthropic's source.url):
+# llama-server with a multimodal model downloads any http(s) URL it is given, from the backend's host.
+_MEDIA_URL_KEYS = frozenset({"url", "image_url", "video_url", "audio_url"})
+
+
+def check_media(body: dict[str, Any], raw: bytes) -> None:
+    """Refuse media named by an http(s) URL: llama-server would fetch it from the backend's host, which a public
+    API must not let a caller do (server-side request forgery). `data:` URLs (the file itself) pass."""
+    if b"://" not in raw:
+        return  # the usual body: no URL at all, no walk
+    stack: list[Any] = [body]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key in _MEDIA_URL_KEYS and isinstance(value, str) and value[:8].lower().startswith(
+                        ("http://", "https://")):
+                    raise RequestRejected(f"{key}: media given by an http(s) URL is not fetched; send the file "
+                                          "itself as a data: URL (base64)", key, "media_url_not_allowed")
+                if isinstance(value, dict | list):
+                    stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(i for i in item if isinstance(i, dict | list))
+
+
 def check_route(body: dict[str, Any], route: Route | None) -> None:
     """What one route's body needs beyond the shared rules (llama-server would answer a 500 instead)."""
     if route is None:
@@ -271,6 +298,7 @@ def admit_body(raw: bytes, limits: Limits, path: str | None = None) -> Prepared:
     """All of the above in order, for a route whose body is a JSON object (`path`: its route, lifecycle.routes)."""
     body = parse_json_object(raw)
     check_fields(body, limits)
+    check_media(body, raw)
     route = route_of(path) if path is not None else None
     check_route(body, route)
     model = choose_model(body, limits)

@@ -128,3 +128,45 @@ def test_serverless_jobs_pass_the_same_rules() -> None:
         encode_body(call, LIMITS)
     call = parse_job_input({"prompt": "hi", "sampling_params": {"max_tokens": 8}}, 10_000)
     assert json.loads(encode_body(call, LIMITS) or b"")["max_tokens"] == 8
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://169.254.169.254/"}}]}]},
+    {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "https://x.io/a.png"}}]}]},
+    {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "HTTPS://x.io/a.png"}]}]},
+])
+def test_media_by_url_is_refused_wherever_it_is(body: dict) -> None:
+    with pytest.raises(RequestRejected) as refused:
+        admit_body(json.dumps(body).encode(), LIMITS)
+    assert refused.value.code == "media_url_not_allowed"
+
+
+def test_data_urls_and_urls_in_text_pass() -> None:
+    ok = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "see https://example.com"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}],
+          "tools": [{"type": "function",
+                     "function": {"name": "f", "parameters": {"properties": {"url": {"type": "string"}}}}}]}
+    assert admit_body(json.dumps(ok).encode(), LIMITS).body == ok
+
+
+@pytest.mark.parametrize("field", ["id_slot", "lora", "chat_format", "chat_parser", "reasoning_control"])
+def test_fields_no_public_client_may_set_are_refused(field: str) -> None:
+    with pytest.raises(RequestRejected) as refused:
+        admit_body(json.dumps({"prompt": "hi", field: 0}).encode(), LIMITS)
+    assert refused.value.code == "field_not_allowed" and refused.value.param == field
+
+
+def test_anthropic_bodies_get_max_tokens_and_stop_sequences_are_capped() -> None:
+    sent = admit_body(b'{"messages": []}', LIMITS, "/v1/messages")
+    assert json.loads(sent.raw)["max_tokens"] == LIMITS.max_tokens
+    raw = b'{"messages": [], "max_tokens": 5}'
+    assert admit_body(raw, LIMITS, "/v1/messages").raw is raw
+    with pytest.raises(RequestRejected):
+        admit_body(json.dumps({"messages": [], "stop_sequences": ["x"] * 99}).encode(), LIMITS, "/v1/messages")
+
+
+def test_infill_needs_its_prefix_and_suffix() -> None:
+    with pytest.raises(RequestRejected, match="input_prefix"):
+        admit_body(b'{"prompt": "x"}', LIMITS, "/infill")
+    assert admit_body(b'{"input_prefix": "a", "input_suffix": "b"}', LIMITS, "/infill").slots == 1
