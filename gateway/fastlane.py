@@ -2,11 +2,13 @@
 
 PORT is served by this asyncio protocol, with HTTP parsed by httptools. A request takes the fast lane only when it
 is the common case, which is decided before anything is done for it:
-1. it arrived whole and alone in one read (nothing half-sent, nothing pipelined behind it), as HTTP/1.1 keep-alive
-   (no `Connection: close`), with exactly one Host header and a Content-Length body (none for GET), within the
-   header limits and MAX_REQUEST_BODY_SIZE;
-2. it is POST /v1/chat/completions, /v1/completions or /v1/embeddings, or GET /v1/models, with no query string,
-   and no Origin, Expect, Upgrade or Transfer-Encoding header;
+1. it arrived whole and alone (nothing pipelined behind it) within PIECES_WAIT of its first byte (most clients
+   write the head and the body apart: the fast lane waits for the rest), as HTTP/1.1 keep-alive (no
+   `Connection: close`), with exactly one Host header and a Content-Length body (none for GET), within the header
+   limits and MAX_REQUEST_BODY_SIZE;
+2. it is a POST to a route of lifecycle.routes (chat, completions, embeddings, responses, messages, rerank, the
+   llama.cpp routes), or GET /v1/models, with no query string, and no Origin, Expect, Upgrade or
+   Transfer-Encoding header;
 3. the backend is ready and the gateway is not draining;
 4. with AUTH_ENABLED, its key is known and unexpired and its address is not blocked for failed keys (before the
    body is parsed);
@@ -53,6 +55,11 @@ log = logging.getLogger("gateway.fastlane")
 # Headers that send a request to aiohttp: browsers (CORS), 100-continue, protocol switches, chunked bodies.
 _HAND_OVER = frozenset({b"origin", b"expect", b"upgrade", b"transfer-encoding", b"access-control-request-method"})
 _PAUSE_AT = 1 << 20  # bytes of pipelined requests held while one is answered, before we stop reading
+# A request that arrives in pieces (most HTTP clients write the headers and the body separately): how long the fast
+# lane waits for the rest before handing what it has to aiohttp, and how much it holds meanwhile (past that,
+# aiohttp's lane takes it and applies its own limits and timeouts).
+PIECES_WAIT = 0.5
+PIECES_HEAD_ROOM = 1 << 20
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
@@ -198,6 +205,10 @@ class FastConnection(asyncio.Protocol):
         self._messages = 0
         self._complete = False
         self._keep_alive = False  # read when the headers are in: llhttp resets it once the message is complete
+        self._headers_done = False
+        self._started = 0.0
+        self._pieces: bytearray | None = None  # the request so far, while the rest of it is awaited
+        self._pieces_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------------------
 
@@ -226,6 +237,7 @@ class FastConnection(asyncio.Protocol):
         if self.idle is not None:
             self.idle.cancel()
             self.idle = None
+        self._drop_pieces()
         if self.task is not None:
             self.task.cancel()  # the client left: leave the queue, or drop the upstream request
 
@@ -235,7 +247,10 @@ class FastConnection(asyncio.Protocol):
         if self.task is not None or self.write_paused:
             self._hold(data)
             return
-        self._take(data)
+        if self._pieces is not None:
+            self._feed(data)
+        else:
+            self._take(data)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -262,6 +277,7 @@ class FastConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._keep_alive = self.parser.should_keep_alive()
+        self._headers_done = True
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -273,23 +289,62 @@ class FastConnection(asyncio.Protocol):
 
     def _take(self, data: bytes) -> None:
         """`data` starts a new request: answer it here, or hand it to aiohttp."""
-        started = time.monotonic()
+        self._started = time.monotonic()
         self._url, self._headers, self._body, self._messages, self._complete = b"", [], [], 0, False
-        self._keep_alive = False
+        self._keep_alive = self._headers_done = False
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """More of the request begun by _take: answer it once it is whole, wait for the rest of one that comes in
+        pieces (at most PIECES_WAIT), or hand everything received since it began to aiohttp."""
+        whole = data if self._pieces is None else bytes(self._pieces) + data
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            self._hand_over(data)
+            self._drop_pieces()
+            self._hand_over(whole)
             return
+        if not self._complete and self._messages == 1 and self._worth_waiting(len(whole)):
+            if self._pieces is None:
+                self._pieces = bytearray(data)
+                self._pieces_timer = self.lane.loop.call_later(PIECES_WAIT, self._pieces_late)
+            else:
+                self._pieces += data
+            return
+        self._drop_pieces()
         try:
-            ex = self._admit(started) if self._complete and self._messages == 1 else None
+            ex = self._admit(self._started) if self._complete and self._messages == 1 else None
         except Exception:  # a bug here must not cost the request: aiohttp's lane answers it
             log.exception("the fast lane failed to look at a request; handing it to aiohttp")
             ex = None
         if ex is None:
-            self._hand_over(data)
+            self._hand_over(whole)
             return
         self.task = self.lane.loop.create_task(self._answer(ex))
+
+    def _worth_waiting(self, size: int) -> bool:
+        """Whether the rest of an unfinished request is worth waiting for: it may still be the fast lane's (a
+        header that sends it to aiohttp, such as Expect: 100-continue, or another route, does not wait)."""
+        if size > self.lane.limits.max_body + PIECES_HEAD_ROOM:
+            return False
+        if not self._headers_done:
+            return True
+        routes = self.lane.limits.post_routes if self.parser.get_method() == b"POST" else {}
+        return self._url in routes and not any(name.lower() in _HAND_OVER for name, _ in self._headers)
+
+    def _pieces_late(self) -> None:
+        """The rest did not come within PIECES_WAIT: aiohttp's lane takes the request (and its timeouts)."""
+        self._pieces_timer = None
+        if self._pieces is not None and self.task is None:
+            data = bytes(self._pieces)
+            self._pieces = None
+            self._hand_over(data)
+
+    def _drop_pieces(self) -> None:
+        self._pieces = None
+        if self._pieces_timer is not None:
+            self._pieces_timer.cancel()
+            self._pieces_timer = None
 
     def _admit(self, started: float) -> Exchange | None:
         """The exchange when the fast lane takes the request, else None (hand it over). Nothing is used up unless
@@ -326,6 +381,7 @@ class FastConnection(asyncio.Protocol):
         """From now on aiohttp's server owns this connection; `data` is everything since the request began."""
         transport = self.transport
         self.lane.connections.discard(self)
+        self._drop_pieces()
         if self.idle is not None:
             self.idle.cancel()
             self.idle = None
@@ -445,8 +501,8 @@ class FastConnection(asyncio.Protocol):
     def _on_idle(self) -> None:
         """CLIENT_TIMEOUT without a request: close, as aiohttp does with its keep-alive timeout."""
         self.idle = None
-        if self.transport is None or self.task is not None:
-            return  # busy: _next() re-arms the timer
+        if self.transport is None or self.task is not None or self._pieces is not None:
+            return  # busy (or a request coming in pieces, which PIECES_WAIT bounds): _next() re-arms the timer
         deadline = self.last_active + self.lane.settings.client_timeout
         if self.lane.loop.time() < deadline:
             self.idle = self.lane.loop.call_at(deadline, self._on_idle)

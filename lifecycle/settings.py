@@ -467,7 +467,7 @@ VARIABLES: tuple[Var, ...] = (
         doc="Open client connections on `PORT` (and, separately, on `PORT_HEALTH`). One more gets a 503 "
             "`too_many_connections` and is closed before anything of it is read."),
     Var("FAST_LANE", "gateway", "bool", True, new=True,
-        doc="Answer plain API calls (whole JSON POSTs to the generation routes, streamed or not, and "
+        doc="Answer plain API calls (whole JSON POSTs to the API routes, streamed or not, and "
             "`GET /v1/models`) on the gateway's lean request path; everything else always takes the full aiohttp "
             "path. `false` sends every request through aiohttp. Same answers, headers and checks either way; see "
             "[README.md, Speed](../README.md#speed)."),

@@ -214,6 +214,34 @@ def test_a_request_sent_in_pieces_is_answered(fast: Gateway) -> None:
         assert answer.status == 200
 
 
+def test_headers_and_body_written_apart_still_take_the_fast_lane(fast: Gateway) -> None:
+    """What the openai and anthropic clients (httpx), requests and http.client do: the head in one write, the body in
+    the next. The fast lane waits (up to PIECES_WAIT) for the rest instead of handing the request over."""
+    before = counters(fast)
+    sock, reader = connect(fast)
+    with sock:
+        for i in range(3):
+            data = request(headers={"X-Request-ID": f"apart-{i}"})
+            cut = data.index(b"\r\n\r\n") + 4
+            sock.sendall(data[:cut])
+            time.sleep(0.05)
+            sock.sendall(data[cut:])
+            (answer,) = reader.read()
+            assert answer.status == 200 and answer.headers["x-request-id"] == f"apart-{i}"
+    assert handed_over_since(fast, before) == (3, 0)
+
+
+def test_a_body_that_never_comes_is_handed_to_aiohttp_which_times_it_out(fast: Gateway) -> None:
+    before = counters(fast)
+    sock, reader = connect(fast)
+    with sock:
+        data = request()
+        sock.sendall(data[: data.index(b"\r\n\r\n") + 4])  # the head alone
+        (answer,) = reader.read()
+        assert answer.status == 408  # aiohttp's lane, after CLIENT_TIMEOUT=1
+    assert handed_over_since(fast, before) == (0, 1)
+
+
 def test_pipelined_requests_are_answered_in_order(fast: Gateway) -> None:
     sock, reader = connect(fast)
     with sock:
