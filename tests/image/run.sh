@@ -74,6 +74,16 @@ builder() {
 }
 
 start_engine
+
+# `docker compose config` checks docker-compose.yml (tests/image/check_image.py): the compose plugin, or Debian's
+# docker-compose, installed like the engine when neither is there.
+if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        log "installing docker-compose with apt-get"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null \
+            || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null; }
+    fi
+fi
 base=$(sed -n 's/^ARG RUNTIME_IMAGE=//p' "$DOCKERFILE")
 bash tests/image/base_image.sh "$base"
 build=$(builder)
