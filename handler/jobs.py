@@ -3,7 +3,9 @@
 1. Pass-through, as RunPod's vLLM worker takes it: {"openai_route": "/v1/chat/completions", "openai_input": {...}},
    for every route the gateway serves (lifecycle.routes.JSON_ROUTES: OpenAI's, the Responses API, Anthropic's
    Messages API, rerank, tokenize, infill, ...) and GET /v1/models. `openai_input` is the body, sent as it is.
-2. Native: {"messages": [...]} or {"prompt": "..."} with optional "sampling_params" and "stream".
+2. Native: {"messages": [...]} or {"prompt": "..."} with optional "sampling_params" and "stream". Without
+   sampling_params.max_tokens a native job generates at most JOB_MAX_TOKENS (never more than MAX_TOKENS); an
+   openai_route body is left as it is (without a max_tokens-like field: up to MAX_TOKENS, llama-server's -n).
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ def _stream_flag(value: Any, where: str) -> bool:
     return value
 
 
-def parse_job_input(job_input: Any, max_size: int) -> BackendCall:
+def parse_job_input(job_input: Any, max_size: int, job_max_tokens: int | None = None) -> BackendCall:
+    """The backend call of one job. `job_max_tokens`: the max_tokens a native job gets when it gives none
+    (None: none added)."""
     if not isinstance(job_input, dict):
         raise JobInputError("job input must be a JSON object")
     size = len(json.dumps(job_input, separators=(",", ":")).encode())
@@ -80,7 +84,7 @@ def parse_job_input(job_input: Any, max_size: int) -> BackendCall:
         raise JobInputError(f"job input is {size} bytes, over the limit of {max_size} (MAX_REQUEST_BODY_SIZE)")
     if "openai_route" in job_input:
         return _openai(job_input)
-    return _native(job_input)
+    return _native(job_input, job_max_tokens)
 
 
 def _openai(job_input: dict[str, Any]) -> BackendCall:
@@ -97,7 +101,7 @@ def _openai(job_input: dict[str, Any]) -> BackendCall:
     return BackendCall("POST", route, body, stream=stream and JSON_ROUTES[route].generates, native=False)
 
 
-def _native(job_input: dict[str, Any]) -> BackendCall:
+def _native(job_input: dict[str, Any], job_max_tokens: int | None) -> BackendCall:
     unknown = sorted(set(job_input) - _NATIVE_KEYS)
     if unknown:
         raise JobInputError(
@@ -122,6 +126,8 @@ def _native(job_input: dict[str, Any]) -> BackendCall:
             raise JobInputError(f"sampling_params.{key} must be {allowed}, not {type(value).__name__}")
     stream = _stream_flag(job_input.get("stream"), "stream")
     body: dict[str, Any] = {**params, "stream": stream}
+    if job_max_tokens is not None and params.get("max_tokens") is None:
+        body["max_tokens"] = job_max_tokens  # JOB_MAX_TOKENS: not on to MAX_TOKENS (or the end of the context)
     if job_input.get("model") is not None:
         body["model"] = job_input["model"]  # with several models (MODELS), the one the job is for
     if stream:
@@ -153,6 +159,11 @@ def encode_body(call: BackendCall, limits: Limits) -> bytes | None:
     try:
         return admit_body(raw, limits, call.path).raw
     except RequestRejected as exc:
+        if call.native and exc.param == "max_tokens":  # a native job that leaves it out gets JOB_MAX_TOKENS
+            raise JobInputError(
+                f"sampling_params.max_tokens={call.body.get('max_tokens')} is not allowed: use 1 to "
+                f"{limits.max_tokens} (MAX_TOKENS), or -1 for up to MAX_TOKENS; left out, the job gets "
+                "JOB_MAX_TOKENS") from None
         where = ("" if exc.param == "model" and call.native else "sampling_params." if call.native and exc.param
                  else "openai_input." if exc.param else "")
         raise JobInputError(str(exc) if not exc.param else f"{where}{exc}") from None

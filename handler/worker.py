@@ -9,7 +9,16 @@ Output shapes (with `return_aggregate_stream=True` the job's final output is the
   events, with no [DONE]. Nothing here reads those events.
 - native, streaming: text chunks as they are generated.
 - native, non-streaming: one item, {"text", "finish_reason", "usage"}.
-Anything that goes wrong is one yielded {"error": "..."}, which fails the job; the worker takes the next one.
+Anything that goes wrong (bad input, a backend error, a backend that did not become ready in time, a bug here) is
+one yielded {"error": "..."}, always the last item, never a raised exception; the worker takes the next job. What
+each place makes of it (runpod 1.12):
+- the real queue loop (rp_job.handle_job): a yielded dict with a truthy "error" ends the job; the result it posts
+  to job-done is {"error": "..."} alone, without the output so far, so RunPod shows the job FAILED.
+- the SDK's local API server (rp_fastapi, --rp_serve_api): it only collects the yielded items, so the job is
+  COMPLETED with {"error": "..."} as the last item of its output. (A raised exception would be a bare 500 there,
+  and a traceback in the queue's error.)
+- local test mode (`python -m handler` with test_input.json): `collect` returns {"error": "..."}, the SDK logs the
+  job as failed and exits 1.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 from handler.jobs import BackendCall, JobInputError, encode_body, parse_job_input
@@ -87,6 +97,8 @@ class JobHandler:
         self.settings = settings
         self.backend = backend
         self.backend_wait = settings.backend_wait if backend_wait is None else backend_wait
+        # A native job without max_tokens: JOB_MAX_TOKENS, never above MAX_TOKENS (which would refuse it).
+        self.job_max_tokens = min(settings.job_max_tokens, settings.max_tokens)
         self.limits = Limits.from_settings(settings, backend if settings.models else None)
         self._upstreams: dict[asyncio.AbstractEventLoop, Upstream] = {}
 
@@ -111,7 +123,18 @@ class JobHandler:
     async def run(self, job: dict[str, Any]) -> AsyncIterator[Any]:
         job_id = job.get("id", "?")
         try:
-            call = parse_job_input(job.get("input"), self.settings.max_request_body_size)
+            async with aclosing(self._run(job_id, job)) as items:
+                async for item in items:
+                    yield item
+                    if _is_error(item):
+                        return  # the job has failed: the SDK reads nothing after it
+        except Exception as exc:  # a bug here: still one clear error, not a traceback (queue) or a bare 500 (API)
+            log.exception("job %s: the handler failed", job_id)
+            yield {"error": f"the worker failed on this job ({exc.__class__.__name__}: {exc})"}
+
+    async def _run(self, job_id: str, job: dict[str, Any]) -> AsyncIterator[Any]:
+        try:
+            call = parse_job_input(job.get("input"), self.settings.max_request_body_size, self.job_max_tokens)
             route = route_of(call.path)
             missing = feature_missing(route, self.settings) if route is not None else None
             if missing is not None:  # EMBEDDINGS or RERANK is off: llama-server would answer a 501
@@ -158,13 +181,19 @@ class JobHandler:
         if isinstance(answer, Reply):
             yield self._whole(call, answer)
             return
+        error = None
         async with answer:
             try:
                 async for item in self._events(call, answer):
+                    if _is_error(item):
+                        error = item
+                        break
                     yield item
             except UpstreamError as exc:
                 log.warning("job %s: backend broke off: %s", job_id, exc.__class__.__name__)
-                yield {"error": "the model backend broke off its answer"}
+                error = {"error": "the model backend broke off its answer"}
+        if error is not None:  # after the backend connection is closed: the SDK does not resume us after it
+            yield error
 
     def _not_ready(self) -> str:
         return (f"the model backend is {self.backend.state.value} and did not become ready within "
@@ -195,14 +224,19 @@ class JobHandler:
                     yield text
 
 
+def _is_error(item: Any) -> bool:
+    """What the SDK's queue loop takes for a failed job (rp_job.handle_job): a dict with a truthy "error"."""
+    return isinstance(item, dict) and bool(item.get("error"))
+
+
 def collect(handler: Callable[[dict[str, Any]], AsyncIterator[Any]]):  # type: ignore[no-untyped-def]
     """The SDK's local test mode awaits a handler instead of iterating it: hand it the aggregate."""
 
     async def run(job: dict[str, Any]) -> Any:
         outputs = []
         async for item in handler(job):
-            if isinstance(item, dict) and item.get("error"):
-                return {"error": item["error"]}
+            if _is_error(item):
+                return {"error": item["error"]}  # run_job makes it the result's error: the SDK exits 1
             outputs.append(item)
         return outputs
 

@@ -495,7 +495,7 @@ VARIABLES: tuple[Var, ...] = (
         doc="The most tokens one request may generate. A request that gives no `max_tokens` (or `-1`) gets up to "
             "this many (llama-server's `-n`; before, it generated until the context was full); one that asks for "
             "more gets a 400 naming the field (`max_tokens`, `max_completion_tokens`, `n_predict`). Serverless "
-            "jobs obey it too."),
+            "jobs obey it too; a native job that gives no `max_tokens` gets `JOB_MAX_TOKENS`."),
     Var("MAX_RESPONSE_SIZE", "gateway", "int", 64 * 1024 * 1024, minimum=1024, new=True,
         doc="Largest whole (non-streamed) backend answer in bytes; a larger one is dropped, not buffered, and the "
             "client gets a 502 `backend_answer_too_large`. Streams are passed on as they arrive and are not "
@@ -505,6 +505,16 @@ VARIABLES: tuple[Var, ...] = (
             "`usage.prompt_tokens_details.cached_tokens`, `timings` and in how fast the answer comes: one key can "
             "learn that another sent the same prompt. `false` sends `\"cache_prompt\": false` with every request, "
             "so no prompt is reused: nothing to learn, at the cost of processing every prompt in full."),
+    # Serverless mode (RunPod)
+    Var("JOB_MAX_TOKENS", "serverless", "int", 512, minimum=1, new=True,
+        doc="The tokens a native job (`prompt` or `messages`) may generate when its `sampling_params` give no "
+            "`max_tokens`; at most `MAX_TOKENS`. Without it such a job ran on until `MAX_TOKENS` ({MAX_TOKENS}) "
+            "or the end of the context: minutes of generation, which RunPod bills by the second of worker time, "
+            "with a slot held all along, for an answer nobody asked to be that long. A job "
+            "that wants more asks for it (`max_tokens` up to `MAX_TOKENS`, or `-1` for `MAX_TOKENS`). "
+            "`openai_route` jobs are not affected: as in HTTP mode and the OpenAI API, a body without "
+            "`max_tokens` (`max_completion_tokens`, `n_predict`, `max_output_tokens`) gets up to `MAX_TOKENS`. "
+            "See [SERVERLESS.md](SERVERLESS.md#native)."),
     # Logs and modes
     Var("LOG_NAME", "logs", "name", "llama", hint="use a plain folder name",
         doc="Log folder name under `$DATA_DIR/logs/`."),
@@ -663,6 +673,7 @@ class Settings:
 
     stop_timeout: float = setting("BACKEND_STOP_TIMEOUT")
     backend_wait: float = setting("BACKEND_WAIT_TIMEOUT")
+    job_max_tokens: int = setting("JOB_MAX_TOKENS")
     restart_limit: int = setting("BACKEND_RESTART_LIMIT")
     restart_window: float = setting("BACKEND_RESTART_WINDOW")
     restart_base_delay: float = setting("BACKEND_RESTART_DELAY")

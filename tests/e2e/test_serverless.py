@@ -18,6 +18,7 @@ from tests.conftest import ROOT, children_of, free_port, pid_alive
 from tests.fakes.fake_runpod_queue import FakeRunPodQueue
 
 CHAT = [{"role": "user", "content": "Say hello in one short sentence."}]
+JOB_MAX_TOKENS = 24  # the api fixture's
 _RUNPOD_VARS = ("RUNPOD_WEBHOOK_GET_JOB", "RUNPOD_WEBHOOK_POST_OUTPUT", "RUNPOD_WEBHOOK_POST_STREAM",
                 "RUNPOD_WEBHOOK_PING", "RUNPOD_REALTIME_PORT", "MODE")
 
@@ -53,7 +54,10 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     data_dir = tmp_path_factory.mktemp("handler-api")
     port = free_port()
-    proc = start_handler(data_dir, ["--rp_serve_api", "--rp_api_port", str(port)], handler_env(data_dir))
+    # JOB_MAX_TOKENS small: a native job without max_tokens stops there (512, the default, takes long on a busy CPU;
+    # the default itself is a unit test's).
+    proc = start_handler(data_dir, ["--rp_serve_api", "--rp_api_port", str(port)],
+                         handler_env(data_dir, JOB_MAX_TOKENS=str(JOB_MAX_TOKENS)))
     url = wait_api(proc, port, data_dir)
     yield url
     stop(proc)
@@ -158,6 +162,51 @@ def test_bad_input_is_a_clear_error_and_the_worker_goes_on(api: str, job_input: 
     assert runsync(api, {"prompt": "Hi", "sampling_params": {"max_tokens": 2}})["status"] == "COMPLETED"
 
 
+# Longer than the context (CTX 4096; with --kv-unified one request may use all of it): llama-server refuses it
+# before processing any of it.
+TOO_LONG = "word " * 6000
+
+
+@pytest.mark.parametrize(
+    ("job_input", "message"),
+    [
+        ({"nonsense": True}, "unknown input keys nonsense"),
+        ({"prompt": "x", "sampling_params": {"max_tokens": 5000}},
+         "sampling_params.max_tokens=5000 is not allowed: use 1 to 4096 (MAX_TOKENS)"),
+        ({"prompt": TOO_LONG, "stream": True}, "the model backend answered 400"),
+        ({"openai_route": "/v1/completions", "openai_input": {"prompt": TOO_LONG}}, "the model backend answered 400"),
+    ],
+)
+def test_local_api_shows_a_failed_job_as_its_output_one_message(api: str, job_input: dict, message: str) -> None:
+    """runpod 1.12's local API server only collects a generator's items: it cannot mark the job FAILED (the real
+    queue does, see test_queue_failed_jobs_post_the_error_and_the_next_job_runs). The output is the one error."""
+    result = runsync(api, job_input)
+    assert result["status"] == "COMPLETED" and "error" not in result, result
+    (output,) = result["output"]
+    assert set(output) == {"error"} and message in output["error"], output
+
+
+def test_a_native_job_without_max_tokens_stops_at_job_max_tokens(api: str) -> None:
+    for job in ({"prompt": "Once upon a time"}, {"messages": CHAT}):
+        result = runsync(api, {**job, "sampling_params": {"temperature": 0, "ignore_eos": True}})
+        (output,) = result["output"]
+        assert output["usage"]["completion_tokens"] == JOB_MAX_TOKENS and output["finish_reason"] == "length"
+    # A job that asks for more gets it (up to MAX_TOKENS).
+    result = runsync(api, {"prompt": "Once upon a time",
+                           "sampling_params": {"max_tokens": JOB_MAX_TOKENS + 8, "ignore_eos": True}})
+    assert result["output"][0]["usage"]["completion_tokens"] == JOB_MAX_TOKENS + 8
+
+
+def test_the_docs_streaming_example_finishes(api: str) -> None:
+    """SERVERLESS.md's /run example: no max_tokens, so JOB_MAX_TOKENS, not MAX_TOKENS or the end of the context."""
+    job = requests.post(f"{api}/run", json={"input": {"prompt": "Once upon a time", "stream": True}},
+                        timeout=30).json()
+    streamed = requests.post(f"{api}/stream/{job['id']}", timeout=120).json()
+    assert streamed["status"] == "COMPLETED"
+    chunks = [item["output"] for item in streamed["stream"]]
+    assert chunks and all(isinstance(c, str) for c in chunks) and len(chunks) <= JOB_MAX_TOKENS
+
+
 # --- the SDK's real queue worker against a fake RunPod queue ------------------------------------------
 
 
@@ -197,12 +246,31 @@ def test_queue_two_jobs_run_concurrently(queue_worker: FakeRunPodQueue) -> None:
     assert len(queue_worker.chunks("job-a")) >= 90 and len(queue_worker.chunks("job-b")) >= 90
 
 
-def test_queue_bad_job_fails_and_next_job_runs(queue_worker: FakeRunPodQueue) -> None:
-    queue_worker.put("job-bad", {"nonsense": True})
-    assert "unknown input keys nonsense" in queue_worker.wait_done("job-bad")["error"]
-    queue_worker.put("job-after", {"prompt": "Hello", "sampling_params": {"max_tokens": 4}})
-    final = queue_worker.wait_done("job-after")
-    assert final["output"][0]["usage"]["completion_tokens"] > 0
+@pytest.mark.parametrize(
+    ("job_input", "message"),
+    [
+        ({"nonsense": True}, "unknown input keys nonsense"),
+        ({"prompt": "x", "sampling_params": {"max_tokens": 5000}},
+         "sampling_params.max_tokens=5000 is not allowed: use 1 to 4096 (MAX_TOKENS)"),
+        ({"prompt": TOO_LONG, "stream": True}, "the model backend answered 400"),
+        ({"openai_route": "/v1/chat/completions",
+          "openai_input": {"messages": [{"role": "user", "content": TOO_LONG}], "stream": True}},
+         "the model backend answered 400"),
+    ],
+)
+def test_queue_failed_jobs_post_the_error_and_the_next_job_runs(queue_worker: FakeRunPodQueue, job_input: dict,
+                                                                message: str) -> None:
+    """What the SDK posts to job-done for a failed job is {"error": ...} alone (rp_job.handle_job): RunPod shows
+    it FAILED. No output, aggregated or streamed."""
+    job_id = f"job-bad-{len(queue_worker.done)}"
+    queue_worker.put(job_id, job_input)
+    done = queue_worker.wait_done(job_id)
+    assert set(done) == {"error"} and message in done["error"], done
+    assert "traceback" not in done["error"]
+    assert queue_worker.chunks(job_id) == []
+    queue_worker.put(f"{job_id}-after", {"prompt": "Hello", "sampling_params": {"max_tokens": 4}})
+    final = queue_worker.wait_done(f"{job_id}-after")
+    assert set(final) == {"output"} and final["output"][0]["usage"]["completion_tokens"] > 0
 
 
 def test_queue_openai_route_non_streaming(queue_worker: FakeRunPodQueue) -> None:

@@ -1,13 +1,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from handler.jobs import JobInputError, parse_job_input
-from handler.worker import JobHandler, _event_json, native_result
+from handler import worker
+from handler.jobs import JobInputError, encode_body, parse_job_input
+from handler.worker import JobHandler, _event_json, collect, native_result
 from lifecycle.backend import Backend
+from lifecycle.request_rules import Limits
 from lifecycle.settings import Settings
 
 LIMIT = 10_000
@@ -79,3 +84,130 @@ def test_job_waits_for_backend_then_fails_clearly(tmp_path: Path) -> None:
     (result,) = asyncio.run(run())
     assert isinstance(result, dict)
     assert "did not become ready within 0.3s" in result["error"]
+
+
+# --- JOB_MAX_TOKENS and MAX_TOKENS ---------------------------------------------------------------------------
+
+
+def test_a_native_job_without_max_tokens_gets_job_max_tokens() -> None:
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for job in (chat, {"prompt": "Once upon a time", "stream": True}):
+        assert parse_job_input(job, LIMIT, 512).body["max_tokens"] == 512  # type: ignore[index]
+    # What the job asks for is kept, -1 (up to MAX_TOKENS) too.
+    for asked in (8, 2048, -1):
+        call = parse_job_input({**chat, "sampling_params": {"max_tokens": asked}}, LIMIT, 512)
+        assert call.body["max_tokens"] == asked  # type: ignore[index]
+    # openai_route bodies are sent as they are: OpenAI's semantics, up to MAX_TOKENS (llama-server's -n).
+    for route in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"):
+        call = parse_job_input({"openai_route": route, "openai_input": {"prompt": "x"}}, LIMIT, 512)
+        assert call.body == {"prompt": "x"}, route
+
+
+def test_job_max_tokens_setting_and_its_ceiling(tmp_path: Path) -> None:
+    def handler(**env: str) -> JobHandler:
+        settings = Settings.from_env({"DATA_DIR": str(tmp_path), **env}, probe_roots=[])
+        return JobHandler(settings, Backend(settings))
+
+    assert handler().job_max_tokens == 512
+    assert handler(JOB_MAX_TOKENS="100").job_max_tokens == 100
+    assert handler(JOB_MAX_TOKENS="1000", MAX_TOKENS="256").job_max_tokens == 256  # never one MAX_TOKENS refuses
+
+
+def test_a_job_over_max_tokens_fails_naming_the_field_and_the_setting(tmp_path: Path) -> None:
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path), "MAX_TOKENS": "4096"}, probe_roots=[])
+    call = parse_job_input({"prompt": "x", "sampling_params": {"max_tokens": 5000}}, LIMIT, 512)
+    with pytest.raises(JobInputError) as err:
+        encode_body(call, Limits.from_settings(settings))
+    message = str(err.value)
+    assert message.startswith("sampling_params.max_tokens=5000 is not allowed")
+    assert "1 to 4096 (MAX_TOKENS)" in message and "JOB_MAX_TOKENS" in message
+    # Through the handler: one error, before any backend is asked (none runs here).
+    handler = JobHandler(settings, Backend(settings), backend_wait=0.1)
+
+    async def run() -> list[object]:
+        return [item async for item in handler.run({"id": "j", "input": {"messages": [{"role": "user",
+                "content": "hi"}], "sampling_params": {"max_tokens": 4097}}})]
+
+    (result,) = asyncio.run(run())
+    assert isinstance(result, dict) and "sampling_params.max_tokens=4097" in result["error"]
+    assert "MAX_TOKENS" in result["error"]
+
+
+# --- failures: one {"error"} item, always the last --------------------------------------------------------------
+
+
+class _StubStream:
+    """A streamed backend answer (lifecycle.upstream.Stream) that records when it is closed."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.status = 200
+        self.pieces = list(pieces)
+        self.closed = False
+
+    async def __aenter__(self) -> _StubStream:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self.closed = True
+
+    async def read(self) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
+
+
+class _StubBackend:
+    ready = True
+    pid = 1
+
+    def __init__(self, stream: _StubStream) -> None:
+        self.stream = stream
+        self.sent: list[dict[str, Any]] = []
+
+    def client(self, **_kwargs: object) -> _StubBackend:
+        return self
+
+    async def open_stream(self, _method: str, _path: str, body: bytes, headers: object) -> _StubStream:
+        self.sent.append(json.loads(body))
+        return self.stream
+
+
+def test_an_error_mid_stream_is_the_last_item_after_the_backend_stream_is_closed(tmp_path: Path) -> None:
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path)}, probe_roots=[])
+    stream = _StubStream([b'data: {"choices":[{"text":"Once"}]}\n\n',
+                          b'data: {"error":{"code":500,"message":"boom"}}\n\n',
+                          b'data: {"choices":[{"text":" more"}]}\n\n'])
+    backend = _StubBackend(stream)
+    handler = JobHandler(settings, backend)  # type: ignore[arg-type]
+
+    async def run() -> list[tuple[object, bool]]:
+        return [(item, stream.closed) async for item in handler.run({"id": "j", "input": {"prompt": "Once",
+                                                                                          "stream": True}})]
+
+    assert asyncio.run(run()) == [("Once", False), ({"error": "the model backend answered 500: boom"}, True)]
+    assert backend.sent[0]["max_tokens"] == 512  # JOB_MAX_TOKENS went to llama-server
+
+
+def test_a_bug_in_the_handler_is_one_clear_error_not_an_exception(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raised, the SDK's queue loop would fail the job with a traceback, and its local API server answer a 500."""
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path)}, probe_roots=[])
+    handler = JobHandler(settings, Backend(settings))
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(worker, "parse_job_input", broken)
+
+    async def run() -> list[object]:
+        return [item async for item in handler.run({"id": "j", "input": {"prompt": "hi"}})]
+
+    assert asyncio.run(run()) == [{"error": "the worker failed on this job (RuntimeError: boom)"}]
+
+
+def test_local_test_mode_gets_the_error_as_the_result() -> None:
+    """collect: what the SDK's local test mode awaits; its run_job makes {"error"} the result's error (exit 1)."""
+
+    async def job(_job: dict[str, Any]) -> AsyncIterator[Any]:
+        yield "Once"
+        yield {"error": "the model backend broke off its answer"}
+
+    assert asyncio.run(collect(job)({"id": "j"})) == {"error": "the model backend broke off its answer"}
