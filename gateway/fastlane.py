@@ -59,7 +59,7 @@ _PAUSE_AT = 1 << 20  # bytes of pipelined requests held while one is answered, b
 # lane waits for the rest before handing what it has to aiohttp, and how much it holds meanwhile (past that,
 # aiohttp's lane takes it and applies its own limits and timeouts).
 PIECES_WAIT = 0.5
-PIECES_HEAD_ROOM = 1 << 20
+PIECES_HEAD = 16 << 10  # an unfinished head is waited for up to this size (a usual one is well under 2 KiB)
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
@@ -207,7 +207,8 @@ class FastConnection(asyncio.Protocol):
         self._keep_alive = False  # read when the headers are in: llhttp resets it once the message is complete
         self._headers_done = False
         self._started = 0.0
-        self._pieces: bytearray | None = None  # the request so far, while the rest of it is awaited
+        self._pieces: list[bytes] | None = None  # the request so far, while the rest of it is awaited
+        self._pieces_size = 0
         self._pieces_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------------------
@@ -297,21 +298,21 @@ class FastConnection(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         """More of the request begun by _take: answer it once it is whole, wait for the rest of one that comes in
         pieces (at most PIECES_WAIT), or hand everything received since it began to aiohttp."""
-        whole = data if self._pieces is None else bytes(self._pieces) + data
+        if self._pieces is not None:
+            self._pieces.append(data)
+            self._pieces_size += len(data)
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            self._drop_pieces()
-            self._hand_over(whole)
+            self._hand_over(self._whole(data))
             return
-        if not self._complete and self._messages == 1 and self._worth_waiting(len(whole)):
+        size = len(data) if self._pieces is None else self._pieces_size
+        if not self._complete and self._messages == 1 and self._worth_waiting(size):
             if self._pieces is None:
-                self._pieces = bytearray(data)
+                self._pieces, self._pieces_size = [data], len(data)
                 self._pieces_timer = self.lane.loop.call_later(PIECES_WAIT, self._pieces_late)
-            else:
-                self._pieces += data
             return
-        self._drop_pieces()
+        whole = self._whole(data)
         try:
             ex = self._admit(self._started) if self._complete and self._messages == 1 else None
         except Exception:  # a bug here must not cost the request: aiohttp's lane answers it
@@ -322,26 +323,38 @@ class FastConnection(asyncio.Protocol):
             return
         self.task = self.lane.loop.create_task(self._answer(ex))
 
+    def _whole(self, data: bytes) -> bytes:
+        """Every byte of the request since it began (`data` the last piece); no longer waiting for pieces."""
+        whole = data if self._pieces is None else b"".join(self._pieces)
+        self._drop_pieces()
+        return whole
+
     def _worth_waiting(self, size: int) -> bool:
-        """Whether the rest of an unfinished request is worth waiting for: it may still be the fast lane's (a
-        header that sends it to aiohttp, such as Expect: 100-continue, or another route, does not wait)."""
-        if size > self.lane.limits.max_body + PIECES_HEAD_ROOM:
-            return False
+        """Whether the rest of an unfinished request is worth waiting for: it may still be the fast lane's. An
+        unfinished head past PIECES_HEAD, a header that sends it to aiohttp (Expect: 100-continue, ...), another
+        route or a body over MAX_REQUEST_BODY_SIZE does not wait: aiohttp's lane takes it, and its limits."""
         if not self._headers_done:
-            return True
+            return size <= PIECES_HEAD
         routes = self.lane.limits.post_routes if self.parser.get_method() == b"POST" else {}
-        return self._url in routes and not any(name.lower() in _HAND_OVER for name, _ in self._headers)
+        if self._url not in routes:
+            return False
+        length = None
+        for name, value in self._headers:
+            lowered = name.lower()
+            if lowered in _HAND_OVER:
+                return False
+            if lowered == b"content-length":
+                length = value
+        return length is not None and length.isdigit() and not body_too_large(int(length), self.lane.limits.max_body)
 
     def _pieces_late(self) -> None:
         """The rest did not come within PIECES_WAIT: aiohttp's lane takes the request (and its timeouts)."""
         self._pieces_timer = None
         if self._pieces is not None and self.task is None:
-            data = bytes(self._pieces)
-            self._pieces = None
-            self._hand_over(data)
+            self._hand_over(self._whole(b""))
 
     def _drop_pieces(self) -> None:
-        self._pieces = None
+        self._pieces, self._pieces_size = None, 0
         if self._pieces_timer is not None:
             self._pieces_timer.cancel()
             self._pieces_timer = None
