@@ -101,6 +101,8 @@ class JobHandler:
         self.job_max_tokens = min(settings.job_max_tokens, settings.max_tokens)
         self.limits = Limits.from_settings(settings, backend if settings.models else None)
         self._upstreams: dict[asyncio.AbstractEventLoop, Upstream] = {}
+        # Called once, when the first job has ended (answered or failed): the cold-start breakdown.
+        self.on_first_job: Callable[[], None] | None = None
 
     def _upstream(self) -> Upstream:
         # One pooled client per event loop: the SDK's API server and worker loop each run their own.
@@ -131,6 +133,10 @@ class JobHandler:
         except Exception as exc:  # a bug here: still one clear error, not a traceback (queue) or a bare 500 (API)
             log.exception("job %s: the handler failed", job_id)
             yield {"error": f"the worker failed on this job ({exc.__class__.__name__}: {exc})"}
+        finally:
+            if self.on_first_job is not None:
+                first, self.on_first_job = self.on_first_job, None
+                first()
 
     async def _run(self, job_id: str, job: dict[str, Any]) -> AsyncIterator[Any]:
         try:

@@ -9,8 +9,9 @@
 - With several models (MODELS): `choose(requested)` picks a request's model (lifecycle.router), `models` is the
   ModelSet served, `router` the router's statuses and load/unload, `refresh_models()` looks for new files.
 - Read-only state for /health, /metrics and the handler: `state`, `ready`, `up`, `pid`, `model_id`, `restarts`,
-  `last_error`, `last_log_lines`, `offload`, `gone(pid)`; `gave_up` is set when the crash-loop policy
-  (lifecycle.crashloop, BACKEND_CRASH_LOOP=exit) gives up, for the entry point to exit non-zero.
+  `last_error`, `last_log_lines`, `offload`, `gone(pid)`, `provisioned_at` (the cold-start line); `gave_up` is
+  set when the crash-loop policy (lifecycle.crashloop, BACKEND_CRASH_LOOP=exit) gives up, for the entry point to
+  exit non-zero.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class Backend:
         self.settings = settings
         self._supervisor = Supervisor(settings, poll_interval=poll_interval, clock=clock)
         self._starting: asyncio.Task[object] | None = None
+        self.provisioned_at: float | None = None  # time.monotonic() when the first start's provisioning ended
 
     # --- lifetime --------------------------------------------------------------------------------------------
 
@@ -101,6 +103,8 @@ class Backend:
         self._starting = asyncio.current_task()
         try:
             binary, model = await off_loop(self._provision)
+            if self.provisioned_at is None:
+                self.provisioned_at = time.monotonic()
             await self._supervisor.start(binary, model)
         finally:
             self._starting = None

@@ -15,12 +15,15 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lifecycle.backend import Backend
 from lifecycle.settings import Settings
 
 log = logging.getLogger("lifecycle.background")
+
+READY_POLL = 0.05  # seconds between readiness probes while llama-server starts
 
 
 def process_age() -> float | None:
@@ -36,7 +39,9 @@ def process_age() -> float | None:
 class BackgroundBackend:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.backend = Backend(settings)
+        # /health every 50 ms while llama-server loads (not 250): a serverless worker's cold start is billed and
+        # waited on, and a 503 from /health costs llama-server next to nothing.
+        self.backend = Backend(settings, poll_interval=READY_POLL)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="llama-server-lifecycle", daemon=True)
         self._started = time.monotonic()
@@ -46,11 +51,15 @@ class BackgroundBackend:
         asyncio.set_event_loop(self._loop)
         self._loop.run_forever()
 
-    def start(self) -> float:
+    def start(self, meanwhile: Callable[[], object] | None = None) -> float:
         """Backend.start() on the thread's loop, blocking until it is ready (or raises one of START_ERRORS);
-        returns the cold-start seconds."""
+        returns the cold-start seconds. `meanwhile()` runs in the caller's thread while llama-server loads (the
+        handler imports the runpod SDK there); what it raises is raised here, the start going on."""
         self._thread.start()
-        self._call(self.backend.start())
+        starting = asyncio.run_coroutine_threadsafe(self.backend.start(), self._loop)
+        if meanwhile is not None:
+            meanwhile()
+        starting.result()
         asyncio.run_coroutine_threadsafe(self._exit_on_crash_loop(), self._loop)
         age = process_age()
         return age if age is not None else time.monotonic() - self._started

@@ -373,3 +373,34 @@ def test_openai_route_serves_responses_and_anthropic_messages_in_their_own_strea
     assert tokens["tokens"]
     off = runsync(api, {"openai_route": "/v1/rerank", "openai_input": {"query": "a", "documents": ["b"]}})
     assert "set RERANK=true" in json.dumps(off)
+
+
+# --- cold start ------------------------------------------------------------------------------------------
+
+
+def test_a_cached_cold_start_never_touches_the_network(tmp_path: Path) -> None:
+    """With the binary and the default model already cached, `python -m handler` answers test_input.json with every
+    non-loopback connect and name lookup refused (tests/fakes/no_network/sitecustomize.py, in this process and any
+    Python child), proxies pointing nowhere and the Hub not told to stay offline: nothing it does at start waits on
+    the network. llama-server itself is not Python; it is given a local file (no -hf, no URL)."""
+    attempts = tmp_path / "network-attempts.log"
+    no_network = ROOT / "tests" / "fakes" / "no_network"
+    env = handler_env(tmp_path / "data", NO_NETWORK_LOG=str(attempts),
+                      PYTHONPATH=os.pathsep.join(filter(None, [str(no_network), os.environ.get("PYTHONPATH")])),
+                      HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9",
+                      PIP_INDEX_URL="http://127.0.0.1:9/simple", RUNPOD_SKIP_AUTO_SYSTEM_CHECKS="true")
+    for name in ("HF_HUB_OFFLINE", "NO_PROXY", "no_proxy"):
+        env.pop(name, None)
+    (tmp_path / "data").mkdir()
+    probe = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('192.0.2.1', 80), 1)"],
+                           env=env, capture_output=True, text=True, timeout=30)
+    assert "network disabled for this test" in probe.stderr  # the guard is loaded
+    attempts.unlink()
+    proc = subprocess.run([sys.executable, "-m", "handler"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "Job result: {'output': [" in out
+    assert "cold start: imports " in out and " first job " in out  # the breakdown, once
+    assert out.count("cold start: imports ") == 1
+    assert not attempts.exists(), attempts.read_text()
