@@ -378,18 +378,34 @@ def test_openai_route_serves_responses_and_anthropic_messages_in_their_own_strea
 # --- cold start ------------------------------------------------------------------------------------------
 
 
-def test_a_cached_cold_start_never_touches_the_network(tmp_path: Path) -> None:
-    """With the binary and the default model already cached, `python -m handler` answers test_input.json with every
+@pytest.mark.parametrize("source", ["default", "hf-cache"])
+def test_a_cached_cold_start_never_touches_the_network(tmp_path: Path, source: str) -> None:
+    """With the binary and the model already on disk (the default model in the cache folder, or MODEL_REPO found in
+    a Hugging Face cache, as RunPod's model cache is), `python -m handler` answers test_input.json with every
     non-loopback connect and name lookup refused (tests/fakes/no_network/sitecustomize.py, in this process and any
-    Python child), proxies pointing nowhere and the Hub not told to stay offline: nothing it does at start waits on
-    the network. llama-server itself is not Python; it is given a local file (no -hf, no URL)."""
+    Python child), proxies pointing nowhere and the Hub not told to stay offline (HF_ENDPOINT and HF_HUB_OFFLINE
+    unset): nothing it does at start waits on the network. llama-server itself is not Python; it is given a local
+    file (no -hf, no URL)."""
+    from lifecycle.model import DEFAULT_MODEL_FILE, default_model
+    from lifecycle.settings import default_cache_dir
+
+    extra: dict[str, str] = {}
+    if source == "hf-cache":
+        repo, rev = "example-org/cached-model-GGUF", "b" * 40
+        cache = tmp_path / "hf-cache"
+        snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / rev
+        snapshot.mkdir(parents=True)
+        (snapshot.parent.parent / "refs").mkdir()
+        (snapshot.parent.parent / "refs" / "main").write_text(rev)
+        (snapshot / DEFAULT_MODEL_FILE).symlink_to(default_model(default_cache_dir(os.environ)))
+        extra = {"MODEL_REPO": repo, "HF_HUB_CACHE": str(cache)}
     attempts = tmp_path / "network-attempts.log"
     no_network = ROOT / "tests" / "fakes" / "no_network"
-    env = handler_env(tmp_path / "data", NO_NETWORK_LOG=str(attempts),
+    env = handler_env(tmp_path / "data", NO_NETWORK_LOG=str(attempts), **extra,
                       PYTHONPATH=os.pathsep.join(filter(None, [str(no_network), os.environ.get("PYTHONPATH")])),
                       HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9",
                       PIP_INDEX_URL="http://127.0.0.1:9/simple", RUNPOD_SKIP_AUTO_SYSTEM_CHECKS="true")
-    for name in ("HF_HUB_OFFLINE", "NO_PROXY", "no_proxy"):
+    for name in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "NO_PROXY", "no_proxy"):
         env.pop(name, None)
     (tmp_path / "data").mkdir()
     probe = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('192.0.2.1', 80), 1)"],
@@ -404,3 +420,5 @@ def test_a_cached_cold_start_never_touches_the_network(tmp_path: Path) -> None:
     assert "cold start: imports " in out and " first job " in out  # the breakdown, once
     assert out.count("cold start: imports ") == 1
     assert not attempts.exists(), attempts.read_text()
+    if source == "hf-cache":
+        assert "hf-cache/models--example-org--cached-model-GGUF" in out  # served from the cache, not downloaded
