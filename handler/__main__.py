@@ -14,9 +14,11 @@ import os
 import signal
 import sys
 from types import FrameType
+from typing import Any
 
+from handler.concurrency import concurrency_modifier
 from handler.worker import JobHandler, collect
-from lifecycle.backend import START_ERRORS
+from lifecycle.backend import START_ERRORS, Backend
 from lifecycle.background import BackgroundBackend
 from lifecycle.logs import setup_logging
 from lifecycle.settings import BAD_SETTINGS_EXIT, Settings, load_settings
@@ -67,16 +69,19 @@ def _serve(settings: Settings, backend: BackgroundBackend) -> int:
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     import runpod
 
-    handler = JobHandler(settings, backend.backend)
-    local = _local_test_mode(dict(os.environ), sys.argv[1:])
-    slots = settings.parallel
-    runpod.serverless.start({
+    runpod.serverless.start(start_config(settings, backend.backend, local=_local_test_mode(dict(os.environ),
+                                                                                           sys.argv[1:])))
+    return 0
+
+
+def start_config(settings: Settings, backend: Backend, *, local: bool) -> dict[str, Any]:
+    """What runpod.serverless.start is given. The concurrency follows the backend's slots (handler.concurrency)."""
+    handler = JobHandler(settings, backend)
+    return {
         "handler": collect(handler.run) if local else handler.run,
         "return_aggregate_stream": True,
-        # Constant on purpose: the SDK only resizes once no job is in flight.
-        "concurrency_modifier": lambda _current: slots,
-    })
-    return 0
+        "concurrency_modifier": concurrency_modifier(settings, backend),
+    }
 
 
 if __name__ == "__main__":
