@@ -17,11 +17,14 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from types import FrameType  # noqa: E402
+from typing import Any  # noqa: E402
 
 from handler.coldstart import ColdStart  # noqa: E402
+from handler.concurrency import concurrency_modifier  # noqa: E402
 from handler.worker import JobHandler, collect  # noqa: E402
-from lifecycle.backend import START_ERRORS  # noqa: E402
+from lifecycle.backend import START_ERRORS, Backend  # noqa: E402
 from lifecycle.background import BackgroundBackend  # noqa: E402
 from lifecycle.logs import setup_logging  # noqa: E402
 from lifecycle.settings import BAD_SETTINGS_EXIT, Settings, load_settings  # noqa: E402
@@ -111,22 +114,27 @@ def _serve(settings: Settings, backend: BackgroundBackend, cold: ColdStart) -> i
              cold_start, backend.backend.model_id, settings.parallel)
     import runpod
 
-    handler = JobHandler(settings, backend.backend)
-
     def first_job() -> None:
         cold.mark("first job")
         log.info("%s", cold.line())
 
-    handler.on_first_job = first_job
     local = _local_test_mode(dict(os.environ), sys.argv[1:])
-    slots = settings.parallel
-    runpod.serverless.start({
+    runpod.serverless.start(start_config(settings, backend.backend, local=local, on_first_job=first_job))
+    return 0
+
+
+def start_config(settings: Settings, backend: Backend, *, local: bool,
+                 on_first_job: Callable[[], None] | None = None) -> dict[str, Any]:
+    """What runpod.serverless.start is given. The concurrency follows the backend's slots (handler.concurrency);
+    `on_first_job` is called once, when the first job has been answered (the cold-start breakdown)."""
+    handler = JobHandler(settings, backend)
+    if on_first_job is not None:
+        handler.on_first_job = on_first_job
+    return {
         "handler": collect(handler.run) if local else handler.run,
         "return_aggregate_stream": True,
-        # Constant on purpose: the SDK only resizes once no job is in flight.
-        "concurrency_modifier": lambda _current: slots,
-    })
-    return 0
+        "concurrency_modifier": concurrency_modifier(settings, backend),
+    }
 
 
 if __name__ == "__main__":
