@@ -15,22 +15,14 @@ job itself).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
+
+from lifecycle.background import process_age
 
 STAGES = ("imports", "settings", "provision", "sdk", "llama-server ready", "first job")
 
 
-def process_age() -> float | None:
-    """Seconds since this process started (Linux), else None."""
-    try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 class ColdStart:

@@ -33,7 +33,7 @@ def process_age() -> float | None:
         uptime = float(Path("/proc/uptime").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 class BackgroundBackend:
