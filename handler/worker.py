@@ -188,16 +188,38 @@ class JobHandler:
             yield self._whole(call, answer)
             return
         error = None
-        async with answer:
-            try:
-                async for item in self._events(call, answer):
-                    if _is_error(item):
-                        error = item
-                        break
-                    yield item
-            except UpstreamError as exc:
-                log.warning("job %s: backend broke off: %s", job_id, exc.__class__.__name__)
-                error = {"error": "the model backend broke off its answer"}
+        # A stopped job (RunPod's stop channel, which also carries executionTimeout) is a cancelled task
+        # (rp_scale.JobScaler.stop_job). Cancelled while this generator waits on llama-server, the CancelledError
+        # leaves `async with answer` and closes the connection. Cancelled while the SDK posts a chunk, this
+        # generator sits at a yield that nothing resumes until it is garbage-collected: close the connection as the
+        # task ends instead, so llama-server stops generating and frees the slot at once.
+        task = asyncio.current_task()
+        close = answer.close
+
+        def close_with_task(done: asyncio.Future[object]) -> None:
+            if done.cancelled():
+                log.info("job %s stopped: closed its backend stream", job_id)
+            close()
+
+        if task is not None:
+            task.add_done_callback(close_with_task)
+        try:
+            async with answer:
+                try:
+                    async for item in self._events(call, answer):
+                        if _is_error(item):
+                            error = item
+                            break
+                        yield item
+                except UpstreamError as exc:
+                    log.warning("job %s: backend broke off: %s", job_id, exc.__class__.__name__)
+                    error = {"error": "the model backend broke off its answer"}
+        except asyncio.CancelledError:
+            log.info("job %s stopped: closed its backend stream", job_id)
+            raise
+        finally:
+            if task is not None:
+                task.remove_done_callback(close_with_task)
         if error is not None:  # after the backend connection is closed: the SDK does not resume us after it
             yield error
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -9,12 +10,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import requests
 
 from tests.conftest import ROOT, children_of, free_port, pid_alive
+from tests.e2e.test_backend_guard import environ_of
 from tests.fakes.fake_runpod_queue import FakeRunPodQueue
 
 CHAT = [{"role": "user", "content": "Say hello in one short sentence."}]
@@ -47,21 +50,54 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
     return proc.returncode
 
 
+@dataclass
+class Worker:
+    """A running `python -m handler` and a view of its llama-server's slots (GET /slots, with the per-boot key)."""
+
+    proc: subprocess.Popen[bytes]
+    env: dict[str, str]
+    _key: str = field(default="", init=False)
+
+    def slots(self) -> list[dict]:
+        if not self._key:
+            self._key = environ_of(backend_of(self.proc))["LLAMA_API_KEY"]
+        resp = requests.get(f"http://127.0.0.1:{self.env['PORT_BACKEND']}/slots",
+                            headers={"Authorization": f"Bearer {self._key}"}, timeout=5)
+        resp.raise_for_status()
+        return resp.json()
+
+    def busy(self) -> int:
+        return sum(1 for slot in self.slots() if slot["is_processing"])
+
+    def idle_after(self, since: float, timeout: float = 30) -> float:
+        """Seconds from `since` (time.monotonic()) until no slot is processing."""
+        deadline = time.monotonic() + timeout
+        while self.busy():
+            assert time.monotonic() < deadline, self.slots()
+            time.sleep(0.02)
+        return time.monotonic() - since
+
+
 # --- the SDK's local API server ------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def api_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Worker]]:
     data_dir = tmp_path_factory.mktemp("handler-api")
     port = free_port()
     # JOB_MAX_TOKENS small: a native job without max_tokens stops there (512, the default, takes long on a busy CPU;
     # the default itself is a unit test's).
-    proc = start_handler(data_dir, ["--rp_serve_api", "--rp_api_port", str(port)],
-                         handler_env(data_dir, JOB_MAX_TOKENS=str(JOB_MAX_TOKENS)))
+    env = handler_env(data_dir, JOB_MAX_TOKENS=str(JOB_MAX_TOKENS))
+    proc = start_handler(data_dir, ["--rp_serve_api", "--rp_api_port", str(port)], env)
     url = wait_api(proc, port, data_dir)
-    yield url
+    yield url, Worker(proc, env)
     stop(proc)
     assert "cold start: llama-server ready" in (data_dir / "handler.out").read_text()
+
+
+@pytest.fixture(scope="module")
+def api(api_worker: tuple[str, Worker]) -> str:
+    return api_worker[0]
 
 
 def wait_api(proc: subprocess.Popen[bytes], port: int, data_dir: Path) -> str:
@@ -211,15 +247,21 @@ def test_the_docs_streaming_example_finishes(api: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def queue_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeRunPodQueue]:
+def queue_handler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeRunPodQueue, Worker]]:
     queue = FakeRunPodQueue().start()
     data_dir = tmp_path_factory.mktemp("handler-queue")
-    proc = start_handler(data_dir, [], handler_env(data_dir, **queue.env()))
-    yield queue
+    env = handler_env(data_dir, **queue.env())  # RUNPOD_SKIP_AUTO_SYSTEM_CHECKS=true among them
+    proc = start_handler(data_dir, [], env)
+    yield queue, Worker(proc, env)
     code = stop(proc)
     queue.stop()
     output = (data_dir / "handler.out").read_text()
     assert code == 0, output
+
+
+@pytest.fixture(scope="module")
+def queue_worker(queue_handler: tuple[FakeRunPodQueue, Worker]) -> FakeRunPodQueue:
+    return queue_handler[0]
 
 
 def test_queue_streaming_job_chunks_and_final_output(queue_worker: FakeRunPodQueue) -> None:
@@ -278,6 +320,94 @@ def test_queue_openai_route_non_streaming(queue_worker: FakeRunPodQueue) -> None
                                     "openai_input": {"model": "any", "prompt": "Hi", "max_tokens": 4}})
     final = queue_worker.wait_done("job-openai")
     assert final["output"][0]["object"] == "text_completion"
+
+
+# --- cancellation: a stopped job frees its llama-server slot ----------------------------------------------
+
+# Many more tokens than the test waits for: the job is still generating when it is stopped.
+LONG_JOB = {"prompt": "Tell a very long story:", "stream": True,
+            "sampling_params": {"max_tokens": 3000, "temperature": 0, "ignore_eos": True}}
+
+
+def wait_chunks(queue: FakeRunPodQueue, job_id: str, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(queue.chunks(job_id)) < count:
+        assert job_id not in queue.done, queue.done[job_id]
+        assert time.monotonic() < deadline, f"{job_id}: {len(queue.chunks(job_id))} chunks"
+        time.sleep(0.02)
+
+
+def assert_stopped(queue: FakeRunPodQueue, worker: Worker, job_id: str) -> None:
+    """The stop signal went out, and within a second no slot is processing: llama-server stopped generating for it.
+
+    llama-server notices the closed connection between two tokens and releases the slot once the step in progress
+    is done, so on a starved CPU (this suite shares two cores with other work: a token step of over a second has
+    been seen in llama-server's log, "cancel task" then "release" 1.2 s later) the bound is a second plus the
+    slowest token step this job showed."""
+    sent = queue.wait_stop_sent(job_id)
+    freed = worker.idle_after(sent)
+    arrivals = [at for at, _ in queue.streams[job_id] if at <= sent]
+    step = max((b - a for a, b in itertools.pairwise(arrivals)), default=0.0)
+    streamed = len(queue.chunks(job_id))
+    time.sleep(0.5)
+    assert len(queue.chunks(job_id)) == streamed < 3000  # nothing more came after the stop
+    assert job_id not in queue.done  # the SDK posts no result for a stopped job: RunPod already knows
+    print(f"{job_id}: slot free {freed:.3f}s after the stop signal went out (slowest token step {step:.3f}s), "
+          f"{streamed} chunks streamed")
+    assert freed < 1.0 + step
+    # The worker goes on taking jobs.
+    queue.put(f"{job_id}-after", {"prompt": "Hello", "sampling_params": {"max_tokens": 4}})
+    assert queue.wait_done(f"{job_id}-after")["output"][0]["usage"]["completion_tokens"] > 0
+
+
+def test_queue_job_stopped_on_the_stop_channel_frees_its_slot_within_a_second(
+        queue_handler: tuple[FakeRunPodQueue, Worker]) -> None:
+    """RunPod's stop channel (job-stop, long-polled by rp_scale.JobScaler.monitor_stop_signals): the SDK cancels
+    the job's task, the handler closes its llama-server connection, llama-server stops generating for it."""
+    queue, worker = queue_handler
+    queue.put("job-stopped", LONG_JOB)
+    wait_chunks(queue, "job-stopped", 5)
+    assert worker.busy() == 1
+    queue.stop_job("job-stopped")
+    assert_stopped(queue, worker, "job-stopped")
+    # The stop reaches the worker at its next poll: the SDK waits 1 s after an empty one, the fake holds one 1 s.
+    print(f"stop signal out {queue.stop_sent['job-stopped'] - queue.stop_requested['job-stopped']:.2f}s after stop_job")
+
+
+def test_queue_job_past_its_execution_timeout_frees_its_slot_within_a_second(
+        queue_handler: tuple[FakeRunPodQueue, Worker]) -> None:
+    """executionTimeout is RunPod's to enforce (runpod 1.12 has no timer of its own): it signals the job on the
+    same stop channel, here 3 s after the job was taken."""
+    queue, worker = queue_handler
+    queue.put("job-timed-out", LONG_JOB, execution_timeout=3.0)
+    while not worker.busy():  # generating (not only taken) before its time is up
+        assert "job-timed-out" not in queue.stop_sent
+        time.sleep(0.02)
+    assert_stopped(queue, worker, "job-timed-out")
+    assert queue.stop_sent["job-timed-out"] - queue.taken["job-timed-out"] >= 3.0
+
+
+def test_local_api_stream_client_going_away_does_not_stop_the_job(api_worker: tuple[str, Worker]) -> None:
+    """runpod 1.12's local API server runs a job's whole generator inside the /stream request (rp_fastapi
+    _sim_stream) and answers once at the end; uvicorn does not cancel a request whose client is gone. So a /stream
+    client that goes away stops nothing: the job runs to its end. (Against RunPod itself, /stream only reads what
+    the worker posted; a job is stopped with /cancel, which is the stop channel above.)"""
+    url, worker = api_worker
+    tokens = 257  # no other test asks for this many: the slot that ran it says so afterwards
+    job_input = {**LONG_JOB, "sampling_params": {**LONG_JOB["sampling_params"], "max_tokens": tokens}}
+    job = requests.post(f"{url}/run", json={"input": job_input}, timeout=30).json()
+    started = time.monotonic()
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(f"{url}/stream/{job['id']}", timeout=(5, 0.5))  # then the connection is closed
+    assert worker.busy() == 1  # still generating after the client went away
+    decoded = 0  # what llama-server says it has generated for the job, while it is processing it
+    while busy := [slot for slot in worker.slots() if slot["is_processing"]]:
+        decoded = max(decoded, busy[0]["next_token"][0]["n_decoded"])
+        assert time.monotonic() - started < 120
+        time.sleep(0.02)
+    ran = time.monotonic() - started
+    print(f"/stream client gone after 0.5 s; the job went on for {ran:.2f}s, {decoded} tokens seen generated")
+    assert decoded >= tokens - 10  # it ran (nearly, as last seen) to its end: its tokens were generated for nobody
 
 
 # --- local test mode ----------------------------------------------------------------------------------

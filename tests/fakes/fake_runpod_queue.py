@@ -1,7 +1,10 @@
 """A small stand-in for RunPod's job queue, so the SDK's real worker loop can be tested end to end.
 
-It hands out jobs on job-take (long-polling, as the real one does), answers job-stop with nothing to stop,
-and records every stream chunk and final output the worker posts back, with arrival times.
+It hands out jobs on job-take (long-polling, as the real one does), plays the stop channel (job-stop, which
+runpod >= 1.10 long-polls next to job-take: 204 for nothing to stop, else {"jobsToStop": [ids]}), both for a job
+stopped by the test (`stop_job`, as a user's /cancel) and for one past its execution timeout (`put(...,
+execution_timeout=s)`, which RunPod enforces on its side and signals the same way), and records every stream chunk
+and final output the worker posts back, with arrival times.
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ class FakeRunPodQueue:
         self.taken: dict[str, float] = {}
         self.finished: dict[str, float] = {}
         self.auth: set[str] = set()
+        self.stop_requested: dict[str, float] = {}  # job id -> when stop_job() was called
+        self.stop_sent: dict[str, float] = {}  # job id -> when a job-stop answer carried it to the worker
         self._pending: list[dict[str, Any]] = []
+        self._to_stop: list[str] = []
+        self._timeouts: dict[str, float] = {}  # job id -> its execution timeout, seconds from job-take
         self._cond = threading.Condition()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -44,9 +51,29 @@ class FakeRunPodQueue:
         }
 
     # --- test side ---------------------------------------------------------------------------------
-    def put(self, job_id: str, job_input: dict[str, Any]) -> None:
+    def put(self, job_id: str, job_input: dict[str, Any], execution_timeout: float | None = None) -> None:
+        """Queue a job; with `execution_timeout`, the stop channel signals it that many seconds after it was taken
+        (if it has not finished), as RunPod does for an endpoint's or job's executionTimeout."""
         with self._cond:
             self._pending.append({"id": job_id, "input": job_input})
+            if execution_timeout is not None:
+                self._timeouts[job_id] = execution_timeout
+
+    def stop_job(self, job_id: str) -> None:
+        """Signal the job to the worker on the stop channel (at its next poll), as RunPod does for /cancel."""
+        with self._cond:
+            self.stop_requested[job_id] = time.monotonic()
+            self._to_stop.append(job_id)
+
+    def wait_stop_sent(self, job_id: str, timeout: float = 30) -> float:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while job_id not in self.stop_sent:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no stop signal for {job_id} went out")
+                self._cond.wait(left)
+            return self.stop_sent[job_id]
 
     def wait_done(self, job_id: str, timeout: float = 120) -> Any:
         deadline = time.monotonic() + timeout
@@ -80,8 +107,28 @@ class FakeRunPodQueue:
             await asyncio.sleep(0.05)
         return web.Response(status=204)
 
-    async def _job_stop(self, _request: web.Request) -> web.Response:
-        await asyncio.sleep(1)
+    def _stops(self) -> list[str]:
+        now = time.monotonic()
+        with self._cond:
+            for job_id, limit in list(self._timeouts.items()):
+                if job_id in self.taken and now - self.taken[job_id] >= limit:
+                    del self._timeouts[job_id]
+                    if job_id not in self.done:
+                        self._to_stop.append(job_id)
+            stops, self._to_stop = self._to_stop, []
+            for job_id in stops:
+                self.stop_sent[job_id] = now
+            if stops:
+                self._cond.notify_all()
+            return stops
+
+    async def _job_stop(self, request: web.Request) -> web.Response:
+        self.auth.add(request.headers.get("Authorization", ""))
+        for _ in range(20):  # a long poll, held up to 1 s (the SDK waits 1 s more after an empty one)
+            stops = self._stops()
+            if stops:
+                return web.json_response({"jobsToStop": stops})
+            await asyncio.sleep(0.05)
         return web.Response(status=204)
 
     async def _posted(self, request: web.Request) -> web.Response:

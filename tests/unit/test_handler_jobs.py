@@ -143,6 +143,11 @@ class _StubStream:
         self.status = 200
         self.pieces = list(pieces)
         self.closed = False
+        self.close_calls = 0
+
+    def close(self) -> None:
+        self.close_calls += 1
+        self.closed = True
 
     async def __aenter__(self) -> _StubStream:
         return self
@@ -211,3 +216,77 @@ def test_local_test_mode_gets_the_error_as_the_result() -> None:
         yield {"error": "the model backend broke off its answer"}
 
     assert asyncio.run(collect(job)({"id": "j"})) == {"error": "the model backend broke off its answer"}
+
+
+# --- a stopped job closes its backend stream ---------------------------------------------------------------------
+
+
+class _EndlessStream(_StubStream):
+    """A backend that keeps generating: a piece every 10 ms until the connection is closed."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    async def read(self) -> bytes:
+        await asyncio.sleep(0.01)
+        return b'data: {"choices":[{"text":"tok"}]}\n\n'
+
+
+def _endless_job(tmp_path: Path) -> tuple[JobHandler, _EndlessStream]:
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path)}, probe_roots=[])
+    stream = _EndlessStream()
+    return JobHandler(settings, _StubBackend(stream)), stream  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("where", ["reading the backend", "posting a chunk"])
+def test_a_cancelled_job_task_closes_the_backend_stream_at_once(tmp_path: Path, where: str) -> None:
+    """The SDK stops a job by cancelling its task (rp_scale.JobScaler.stop_job), wherever that task is: in the
+    handler waiting on llama-server, or in its own stream_result post with the handler suspended at a yield (which
+    nothing resumes until the generator is garbage-collected)."""
+    handler, stream = _endless_job(tmp_path)
+    chunks: list[object] = []
+
+    async def sdk_job(generator: AsyncIterator[Any], posting: asyncio.Event) -> None:
+        async for item in generator:
+            chunks.append(item)
+            if where == "posting a chunk" and len(chunks) == 3:
+                posting.set()
+                await asyncio.sleep(3600)  # the job-stream post, when the stop arrives
+
+    async def main() -> tuple[bool, bool]:
+        generator = handler.run({"id": "j", "input": {"prompt": "Once", "stream": True}})  # kept: no GC close
+        posting = asyncio.Event()
+        task = asyncio.create_task(sdk_job(generator, posting))
+        if where == "posting a chunk":
+            await posting.wait()
+        else:
+            while len(chunks) < 3:
+                await asyncio.sleep(0.005)
+        assert not stream.closed
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)  # done callbacks run on the next loop pass
+        closed_at_once = stream.closed
+        await generator.aclose()  # type: ignore[attr-defined]
+        return closed_at_once, stream.closed
+
+    assert asyncio.run(main()) == (True, True)
+
+
+def test_a_finished_job_leaves_no_callback_on_its_task(tmp_path: Path) -> None:
+    """Once the stream is over (closed by `async with`), the task's end does not touch it again."""
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path)}, probe_roots=[])
+    stream = _StubStream([b'data: {"choices":[{"text":"Once"}]}\n\n'])
+    handler = JobHandler(settings, _StubBackend(stream))  # type: ignore[arg-type]
+
+    async def job() -> list[object]:
+        return [item async for item in handler.run({"id": "j", "input": {"prompt": "Once", "stream": True}})]
+
+    async def main() -> list[object]:
+        items = await asyncio.create_task(job())
+        await asyncio.sleep(0)
+        return items
+
+    assert asyncio.run(main()) == ["Once"]
+    assert stream.closed and stream.close_calls == 0
