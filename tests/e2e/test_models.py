@@ -207,7 +207,6 @@ def test_models_unset_keeps_one_model_and_its_answers(make_gateway) -> None:  # 
     assert one.status_code == 200 and one.json()["id"] == DEFAULT_MODEL_FILE
     assert requests.get(f"{gw.url}/v1/models/{DEFAULT_MODEL_FILE}", timeout=10).status_code == 200
     assert requests.post(f"{gw.url}/admin/models/load", json={"model": "x"}, timeout=10).status_code == 404
-    json.dumps(listed)
 
 
 @pytest.mark.parametrize(("env", "preset", "says"), [

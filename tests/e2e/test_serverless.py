@@ -201,15 +201,19 @@ def test_bad_input_is_a_clear_error_and_the_worker_goes_on(api: str, job_input: 
 # Longer than the context (CTX 4096; with --kv-unified one request may use all of it): llama-server refuses it
 # before processing any of it.
 TOO_LONG = "word " * 6000
+# Jobs that fail, in every place a job runs: bad input, over the token cap, refused by llama-server mid-stream.
+FAILING_JOBS = [
+    ({"nonsense": True}, "unknown input keys nonsense"),
+    ({"prompt": "x", "sampling_params": {"max_tokens": 5000}},
+     "sampling_params.max_tokens=5000 is not allowed: use 1 to 4096 (MAX_TOKENS)"),
+    ({"prompt": TOO_LONG, "stream": True}, "the model backend answered 400"),
+]
 
 
 @pytest.mark.parametrize(
     ("job_input", "message"),
     [
-        ({"nonsense": True}, "unknown input keys nonsense"),
-        ({"prompt": "x", "sampling_params": {"max_tokens": 5000}},
-         "sampling_params.max_tokens=5000 is not allowed: use 1 to 4096 (MAX_TOKENS)"),
-        ({"prompt": TOO_LONG, "stream": True}, "the model backend answered 400"),
+        *FAILING_JOBS,
         ({"openai_route": "/v1/completions", "openai_input": {"prompt": TOO_LONG}}, "the model backend answered 400"),
     ],
 )
@@ -291,10 +295,7 @@ def test_queue_two_jobs_run_concurrently(queue_worker: FakeRunPodQueue) -> None:
 @pytest.mark.parametrize(
     ("job_input", "message"),
     [
-        ({"nonsense": True}, "unknown input keys nonsense"),
-        ({"prompt": "x", "sampling_params": {"max_tokens": 5000}},
-         "sampling_params.max_tokens=5000 is not allowed: use 1 to 4096 (MAX_TOKENS)"),
-        ({"prompt": TOO_LONG, "stream": True}, "the model backend answered 400"),
+        *FAILING_JOBS,
         ({"openai_route": "/v1/chat/completions",
           "openai_input": {"messages": [{"role": "user", "content": TOO_LONG}], "stream": True}},
          "the model backend answered 400"),
