@@ -3,7 +3,8 @@
 Starts llama-server through the shared lifecycle, waits until it is ready (logging the cold start), then hands
 control to `runpod.serverless.start`, which picks its own mode:
 - RUNPOD_WEBHOOK_GET_JOB set: the real queue worker;
-- `--rp_serve_api --rp_api_port N`: the SDK's local API server (/run, /runsync, /stream, /status);
+- `--rp_serve_api --rp_api_port N`: the SDK's local API server (/run, /runsync, /stream, /status), which stops a
+  job whose client went away (handler.localapi);
 - otherwise: local test mode, running ./test_input.json (or --test_input '{...}') once and exiting.
 """
 
@@ -21,6 +22,7 @@ from collections.abc import Callable  # noqa: E402
 from types import FrameType  # noqa: E402
 from typing import Any  # noqa: E402
 
+from handler import localapi  # noqa: E402
 from handler.coldstart import ColdStart  # noqa: E402
 from handler.concurrency import concurrency_modifier  # noqa: E402
 from handler.worker import JobHandler, collect  # noqa: E402
@@ -32,9 +34,13 @@ from lifecycle.settings import BAD_SETTINGS_EXIT, Settings, load_settings  # noq
 log = logging.getLogger("handler")
 
 
+def _serving_api(env: dict[str, str], argv: list[str]) -> bool:
+    """The SDK will run its local API server (it does so before looking at the queue)."""
+    return any(arg.startswith("--rp_serve_api") for arg in argv) or bool(env.get("RUNPOD_REALTIME_PORT"))
+
+
 def _local_test_mode(env: dict[str, str], argv: list[str]) -> bool:
-    serving = any(arg.startswith("--rp_serve_api") for arg in argv) or env.get("RUNPOD_REALTIME_PORT")
-    return not env.get("RUNPOD_WEBHOOK_GET_JOB") and not serving
+    return not env.get("RUNPOD_WEBHOOK_GET_JOB") and not _serving_api(env, argv)
 
 
 def _on_sigterm(signum: int, _frame: FrameType | None) -> None:
@@ -118,7 +124,10 @@ def _serve(settings: Settings, backend: BackgroundBackend, cold: ColdStart) -> i
         cold.mark("first job")
         log.info("%s", cold.line())
 
-    local = _local_test_mode(dict(os.environ), sys.argv[1:])
+    env, argv = dict(os.environ), sys.argv[1:]
+    if _serving_api(env, argv):
+        localapi.install()  # a request whose client went away stops its job
+    local = _local_test_mode(env, argv)
     runpod.serverless.start(start_config(settings, backend.backend, local=local, on_first_job=first_job))
     return 0
 
