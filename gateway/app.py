@@ -26,11 +26,11 @@ from gateway.cors import Cors
 from gateway.decorate import decorate
 from gateway.drain import Drain
 from gateway.errors import CLIENT_CLOSED, INTERNAL_ERROR, error_response, shaped
+from gateway.guard import Guard
 from gateway.limits import MAX_REQUEST_LINE, body_too_large, header_problem
 from gateway.metrics import Metrics
 from gateway.observe import Observer
 from gateway.pipeline import Exchange, Pipeline
-from gateway.ratelimit import SlidingWindow
 from gateway.requestid import HEADER as REQUEST_ID_HEADER
 from gateway.requestid import RequestIds
 from gateway.routes import ALWAYS_PUBLIC, PROBES
@@ -42,9 +42,8 @@ from gateway.state import (
     CORS,
     DRAIN,
     EXCHANGE,
-    FAILURES,
+    GUARD,
     KEYS,
-    LIMITER,
     LIMITS,
     METRICS,
     OBSERVER,
@@ -118,15 +117,21 @@ def authorize(request: web.Request, settings: Settings) -> web.Response | None:
         return None
     app = request.app
     presented = credential(request.headers.get("Authorization", ""), request.headers.get("x-api-key", ""))
-    result = verdict(app[KEYS].ring, app[FAILURES], app[LIMITER], settings, presented,
-                     request.remote or "unknown")
+    result = verdict(app[KEYS].ring, app[GUARD], settings, presented, request.remote or "unknown", request.path)
     if isinstance(result, Admitted):
         ex.key_id, ex.decision, ex.caller = result.key_id, result.decision, result
         return None
     ex.rejected = result.reason
+    if result.key_id is not None:
+        ex.key_id = result.key_id  # a key that is known but refused: its limits, scopes or expiry
     if result.reason == "rate":
-        ex.key_id, ex.decision = result.key_id, result.decision
+        ex.decision = result.decision
         log.info("rate limited: key_id=%s request_id=%s", result.key_id, ex.request_id)
+    elif result.code == "admin_key_required":
+        log.warning("admin action %s refused: key_id=%s is not an admin key (request_id=%s)", request.path,
+                    result.key_id, ex.request_id)
+    elif result.reason in ("budget", "scope"):
+        log.info("refused (%s): key_id=%s request_id=%s", result.code, result.key_id, ex.request_id)
     elif result.code == "expired_api_key":
         log.info("expired key used: key_id=%s request_id=%s", result.key_id, ex.request_id)
     return error_response(result.status, result.message, result.code, headers=result.headers)
@@ -237,8 +242,7 @@ async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _prune(app: web.Application) -> None:
     while True:
         await asyncio.sleep(60)
-        app[FAILURES].prune()
-        app[LIMITER].prune()
+        app[GUARD].prune()
 
 
 async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -269,7 +273,7 @@ async def _observer_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     """Once the upstream client and the observer exist: the exchange pipeline both lanes use."""
     app[PIPELINE] = Pipeline(app[SETTINGS], app[BACKEND], app[UPSTREAM], app[ADMISSION], app[METRICS], app[STATS],
-                             app[OBSERVER])
+                             app[OBSERVER], app[GUARD])
     yield
 
 
@@ -292,8 +296,7 @@ def create_app(
     app[LIMITS] = Limits.from_settings(settings, backend if settings.models else None)
     app[CONNECTIONS] = Connections(settings.max_connections, app[REQUEST_IDS], lambda: metrics.reject("connections"))
     app[CORS] = Cors(settings.cors_origins)
-    app[LIMITER] = SlidingWindow(60.0)
-    app[FAILURES] = SlidingWindow(settings.auth_failure_window)
+    app[GUARD] = Guard(settings)
     store = KeyStore(settings.keys_file)
     app[KEYS] = store
     if settings.auth_enabled:

@@ -11,13 +11,16 @@ import logging
 import os
 import shlex
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
+from gateway.guard import Guard, retry_after
 from gateway.keyfile import KeyEntry, digest, parse_keys, read_text
-from gateway.ratelimit import Decision, SlidingWindow
+from gateway.ratelimit import Decision
+from gateway.scopes import route_refusal
 from lifecycle.settings import Settings
 
 log = logging.getLogger("gateway.auth")
@@ -162,13 +165,17 @@ ANONYMOUS = "anonymous"
 
 class Admitted(NamedTuple):
     """The caller may go on: its key id (`anonymous` with AUTH_ENABLED=false), its rate-limit decision for the
-    X-RateLimit-* headers (None with AUTH_ENABLED=false, or when only looked), its requests-per-minute limit, and
-    whether its key is an admin key (`admin=true` in the keys file; never for `anonymous`: see require_admin)."""
+    X-RateLimit-* headers (None with AUTH_ENABLED=false, or when only looked), its requests-per-minute limit,
+    whether its key is an admin key (`admin=true` in the keys file; never for `anonymous`: see require_admin), its
+    keys-file entry (None for `anonymous`: its scopes, budgets and concurrency), and whether it holds a place in its
+    key's `max_concurrent` (given back by Guard.leave when the request is recorded: gateway.pipeline.record)."""
 
     key_id: str
     decision: Decision | None
     limit: int | None = None
     admin: bool = False
+    entry: KeyEntry | None = None
+    holds: bool = False
 
 
 class Refused(NamedTuple):
@@ -185,41 +192,81 @@ class Refused(NamedTuple):
 
 
 def verdict(
-    ring: KeyRing, failures: SlidingWindow, limiter: SlidingWindow, settings: Settings, header: str, client: str,
+    ring: KeyRing, guard: Guard, settings: Settings, header: str, client: str, path: str,
     *, consume: bool = True, now: datetime | None = None,
 ) -> Admitted | Refused:
-    """Who is calling and whether they may: the one auth and rate-limit rule of both lanes.
+    """Who is calling and whether they may: the one auth, scope, budget and rate-limit rule of both lanes.
 
-    `header` is the Authorization header's value, `client` the caller's address. With consume=True (the default),
-    a bad key counts against `client` in `failures`, and an admitted request uses up a place in its key's rate
-    limit; consume=False only looks (the fast lane's first look, before it parses the body; it then calls charge()
-    with the limit found, instead of looking again)."""
+    `header` is the credential's value (gateway.auth.credential), `client` the caller's address, `path` the route.
+    In order: the key (a bad key counts against `client`); an address over AUTH_FAILURE_LIMIT failures is refused
+    anything but the keys it was already using (Guard.known), so guesses stop and its good traffic does not; the
+    key's route groups (gateway.scopes); then charge(): token budgets, concurrency and the rate limit. With
+    consume=True (the default) charge() is done here; consume=False only looks (the fast lane's first look, before
+    it parses the body; it then checks the model and calls charge() itself)."""
     if not settings.auth_enabled:
         return Admitted(ANONYMOUS, None)
-    blocked = failures.check(client, settings.auth_failure_limit, consume=False)
-    if not blocked.allowed:
-        return Refused(429, "too many failed API keys from this address; retry later", "too_many_auth_failures",
-                       "auth", {"Retry-After": str(blocked.retry_after)})
     entry = identify(ring, header, now)
+    blocked = guard.failures.check(client, settings.auth_failure_limit, consume=False)
     if isinstance(entry, Refused):
+        if not blocked.allowed:
+            return _too_many_failures(blocked)
         if consume:
-            failures.add(client)
+            guard.failures.add(client)
         return entry
-    limit = entry.rate_limit or settings.max_requests_per_minute
+    if not blocked.allowed and not guard.known(client, entry.key_id):
+        return _too_many_failures(blocked)
+    refused = route_refusal(entry, path, settings.passthrough_routes)
+    if refused is not None:
+        return refused
+    looked = Admitted(entry.key_id, None, entry.rate_limit or settings.max_requests_per_minute, entry.admin, entry)
     if not consume:
-        # only looked: charge() takes its place in the limit later
-        return Admitted(entry.key_id, None, limit, entry.admin)
-    return charge(limiter, entry.key_id, limit, entry.admin)
+        return looked  # only looked: charge() takes its place in the limits later
+    return charge(guard, looked, client)
 
 
-def charge(limiter: SlidingWindow, key_id: str, limit: int, admin: bool = False) -> Admitted | Refused:
-    """Use up a place in the key's rate limit, or the 429 when there is none (the last step of verdict()); `admin`
-    is passed on to the Admitted."""
-    decision = limiter.check(key_id, limit)
+def _too_many_failures(blocked: Decision) -> Refused:
+    return Refused(429, "too many failed API keys from this address; retry later", "too_many_auth_failures",
+                   "auth", {"Retry-After": str(blocked.retry_after)})
+
+
+def charge(guard: Guard, looked: Admitted, client: str) -> Admitted | Refused:
+    """The last step of verdict(): the key's token budgets and `max_concurrent` (each a 429 with Retry-After when
+    spent), then a place in its rate limit (the 429 `rate_limit_exceeded` when there is none). Nothing is used up
+    unless all pass; then the request holds a place in `max_concurrent` until it is recorded, and `client` is
+    remembered as an address this key uses."""
+    entry = looked.entry
+    assert entry is not None and looked.limit is not None
+    key_id = entry.key_id
+    if entry.budgeted:
+        wait = guard.budget_wait(key_id, entry.tokens_per_minute, entry.tokens_per_day)
+        if wait is not None:
+            seconds, budget = wait
+            return Refused(429, f"the token budget of {budget} of this API key is spent; retry in "
+                                f"{retry_after(seconds)}s", "token_budget_exceeded", "budget",
+                           {"Retry-After": retry_after(seconds)}, key_id)
+    if entry.max_concurrent is not None and guard.in_flight.get(key_id, 0) >= entry.max_concurrent:
+        return Refused(429, f"this API key already has {entry.max_concurrent} requests in flight "
+                            f"(max_concurrent); retry when one is done", "too_many_concurrent_requests", "budget",
+                       {"Retry-After": "1"}, key_id)
+    decision = guard.limiter.check(key_id, looked.limit)
     if not decision.allowed:
-        return Refused(429, f"rate limit of {limit} requests per minute exceeded", "rate_limit_exceeded", "rate",
-                       key_id=key_id, decision=decision)
-    return Admitted(key_id, decision, limit, admin)
+        return Refused(429, f"rate limit of {looked.limit} requests per minute exceeded", "rate_limit_exceeded",
+                       "rate", key_id=key_id, decision=decision)
+    holds = entry.max_concurrent is not None and guard.enter(key_id, entry.max_concurrent)
+    guard.got_in(client, key_id)
+    return Admitted(key_id, decision, looked.limit, entry.admin, entry, holds)
+
+
+def finished(guard: Guard, caller: Admitted | None, tokens: Callable[[], int]) -> None:
+    """A request `caller` was let in for is over: its place in `max_concurrent` is given back, and with a token
+    budget its tokens (`tokens()`, read from its answer only then) are spent at once, so the next request sees
+    them (the metrics and the ledger read them later, in their batch)."""
+    if caller is None or caller.entry is None:
+        return
+    if caller.holds:
+        guard.leave(caller.key_id)
+    if caller.entry.budgeted:
+        guard.spend(caller.key_id, tokens())
 
 
 ADMIN_REQUIRED = "this action needs an admin key"

@@ -47,7 +47,8 @@ from gateway.errors import CLIENT_CLOSED, INTERNAL_ERROR, error_body
 from gateway.limits import body_too_large, header_problem
 from gateway.pipeline import SSE_HEADERS, Exchange
 from gateway.routes import GET_ROUTES, JSON_ROUTES
-from gateway.state import BACKEND, CONNECTIONS, DRAIN, FAILURES, KEYS, LIMITER, LIMITS, PIPELINE, REQUEST_IDS, SETTINGS
+from gateway.scopes import model_refusal
+from gateway.state import BACKEND, CONNECTIONS, DRAIN, GUARD, KEYS, LIMITS, PIPELINE, REQUEST_IDS, SETTINGS
 from lifecycle.request_rules import RequestRejected, admit_body
 
 log = logging.getLogger("gateway.fastlane")
@@ -154,7 +155,7 @@ class FastLane:
         self.settings = settings = app[SETTINGS]
         self.backend, self.drain, self.pipeline = app[BACKEND], app[DRAIN], app[PIPELINE]
         self.stats = self.pipeline.stats
-        self.keys, self.limiter, self.failures = app[KEYS], app[LIMITER], app[FAILURES]
+        self.keys, self.guard = app[KEYS], app[GUARD]
         self.request_ids, self.body_limits, self.open = app[REQUEST_IDS], app[LIMITS], app[CONNECTIONS]
         self.limits = LaneLimits({path.encode(): path for path in JSON_ROUTES},
                                  {path.encode(): path for path in GET_ROUTES}, settings.max_headers,
@@ -372,8 +373,8 @@ class FastConnection(asyncio.Protocol):
                            self._headers, self._body, lane.backend.ready and not lane.drain.draining)
         if isinstance(candidate, str):
             return None
-        looked = verdict(lane.keys.ring, lane.failures, lane.limiter, lane.settings, candidate.authorization,
-                         self.client, consume=False)
+        looked = verdict(lane.keys.ring, lane.guard, lane.settings, candidate.authorization, self.client,
+                         candidate.path, consume=False)
         if not isinstance(looked, Admitted):
             return None
         body: bytes | None = None
@@ -384,11 +385,13 @@ class FastConnection(asyncio.Protocol):
             except RequestRejected:
                 return None  # aiohttp's lane gives the 400 (or the 404 of an unknown model)
             stream = parsed.get("stream") is True
-        admitted = looked if looked.limit is None else charge(lane.limiter, looked.key_id, looked.limit, looked.admin)
+            if looked.entry is not None and model_refusal(looked.entry, lane.pipeline.names(model)) is not None:
+                return None  # aiohttp's lane gives the 403
+        admitted = looked if looked.entry is None else charge(lane.guard, looked, self.client)
         if not isinstance(admitted, Admitted):
             return None
         return Exchange(started, candidate.method, candidate.path, lane.request_ids(candidate.request_id),
-                        admitted.key_id, admitted.decision, body, stream, slots, model=model)
+                        admitted.key_id, admitted.decision, body, stream, slots, model=model, caller=admitted)
 
     def _hand_over(self, data: bytes) -> None:
         """From now on aiohttp's server owns this connection; `data` is everything since the request began."""

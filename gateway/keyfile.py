@@ -4,8 +4,16 @@
     key_id:sha256:<64 hex digits>[:rate_limit][:expiration]   hashed, what `python -m gateway.keys` writes
 
 either followed by options: whitespace-separated `name=value` tokens at the end of the line, such as
-`ops:sha256:<hex>:60 admin=true`. Only `admin` (`true`/`false`) is known so far; later ones (scopes) go the same
-way. An unknown option, a bad value or an option given twice makes the line skipped with a warning that names the
+`ops:sha256:<hex>:60 admin=true` or `app:sha256:<hex> models=llama-*,qwen3-8b routes=inference tokens_per_day=500000`:
+
+    admin=true|false              the admin route group (model load/unload/refresh, POST /reload)
+    models=NAME,GLOB,...          the models it may use, by id, file name or alias, `*` and `?` globs (default: all)
+    routes=GROUP,...              the route groups it may use (gateway.scopes.GROUPS; default: inference,embeddings)
+    tokens_per_minute=N           tokens (prompt + completion) over any 60 s, then 429 until they age out
+    tokens_per_day=N              the same over any 24 h
+    max_concurrent=N              requests of this key in flight at once
+
+An unknown option, a bad value or an option given twice makes the line skipped with a warning that names the
 line and the option, never the key: a typo must never grant anything, nor silently drop a restriction. Options are
 only the trailing tokens that look like `name=value` (a lowercase name): an expiration written with a space
 (`2027-01-01 10:00`) is still an expiration.
@@ -69,6 +77,13 @@ def digest(key: str) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+# The route groups a key may be given (gateway.scopes maps every path to one); `admin` is the admin flag.
+INFERENCE, EMBEDDINGS, TOKENIZE, METRICS, ADMIN = "inference", "embeddings", "tokenize", "metrics", "admin"
+GROUPS = (INFERENCE, EMBEDDINGS, TOKENIZE, METRICS, ADMIN)
+DEFAULT_ROUTES = frozenset({INFERENCE, EMBEDDINGS})
+_MODEL_PATTERN = re.compile(r"[A-Za-z0-9_.:@/*?+-]+")
+
+
 @dataclass(frozen=True)
 class KeyEntry:
     key_id: str
@@ -77,9 +92,24 @@ class KeyEntry:
     expires: datetime | None = None
     hashed: bool = True
     admin: bool = False  # may use the admin routes (model load/unload/refresh): see gateway.auth.require_admin
+    models: tuple[str, ...] = ()  # names and globs of the models it may use; () = every model
+    routes: frozenset[str] = DEFAULT_ROUTES  # its route groups besides admin (the `admin` flag)
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    max_concurrent: int | None = None
 
     def expired(self, now: datetime) -> bool:
         return self.expires is not None and now >= self.expires
+
+    @property
+    def groups(self) -> frozenset[str]:
+        """Every route group it may use, admin included when it is an admin key."""
+        return self.routes | {ADMIN} if self.admin else self.routes
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether it has a token budget (its answers' tokens are then counted against it at once)."""
+        return self.tokens_per_minute is not None or self.tokens_per_day is not None
 
     def line(self) -> str:
         """The entry as the CLI writes it (always hashed)."""
@@ -92,7 +122,17 @@ class KeyEntry:
 
     def options(self) -> list[str]:
         """The `name=value` tokens `line()` writes after the fields; only those that differ from the default."""
-        return ["admin=true"] if self.admin else []
+        custom = self.routes != DEFAULT_ROUTES  # then `routes=` says admin too; else `admin=true` does
+        out = ["admin=true"] if self.admin and not custom else []
+        if self.models:
+            out.append("models=" + ",".join(self.models))
+        if custom:
+            out.append("routes=" + ",".join(group for group in GROUPS if group in self.groups))
+        for name in ("tokens_per_minute", "tokens_per_day", "max_concurrent"):
+            value = getattr(self, name)
+            if value is not None:
+                out.append(f"{name}={value}")
+        return out
 
 
 class KeyLineError(ValueError):
@@ -125,9 +165,45 @@ def _boolean(name: str, text: str) -> bool:
     return text == "true"
 
 
+def _count(name: str, text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise KeyLineError(f"option {name} must be a positive integer")
+    return int(text)
+
+
+def _list(name: str, text: str) -> list[str]:
+    items = text.split(",")
+    if not text or any(not item for item in items):
+        raise KeyLineError(f"option {name} must be a comma-separated list without empty items")
+    return items
+
+
+def model_patterns(name: str, text: str) -> tuple[str, ...]:
+    """`models=`: names and globs; `*` alone is every model (the default)."""
+    items = _list(name, text)
+    for item in items:
+        if not _MODEL_PATTERN.fullmatch(item):
+            raise KeyLineError(f"option {name} holds a name with characters a model name cannot have")
+    return () if "*" in items else tuple(dict.fromkeys(items))
+
+
+def route_groups(name: str, text: str) -> frozenset[str]:
+    """`routes=`: route groups (GROUPS); `admin` among them is the admin flag (see _options)."""
+    items = _list(name, text)
+    unknown = [item for item in items if item not in GROUPS]
+    if unknown:
+        raise KeyLineError(f"option {name}: unknown route group {unknown[0][:32]}: use {', '.join(GROUPS)}")
+    return frozenset(items)
+
+
 # name -> (KeyEntry field, parser of the value); parsers raise KeyLineError naming the option, never the value
 _OPTIONS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "admin": ("admin", _boolean),
+    "models": ("models", model_patterns),
+    "routes": ("routes", route_groups),
+    "tokens_per_minute": ("tokens_per_minute", _count),
+    "tokens_per_day": ("tokens_per_day", _count),
+    "max_concurrent": ("max_concurrent", _count),
 }
 
 
@@ -161,6 +237,11 @@ def _options(found: list[tuple[str, str]]) -> dict[str, object]:
         if attribute in values:
             raise KeyLineError(f"option {name} is given twice")
         values[attribute] = parse(name, text)
+    routes = values.get("routes")
+    if isinstance(routes, frozenset) and ADMIN in routes:
+        if values.get("admin") is False:
+            raise KeyLineError("option routes names admin but admin=false")
+        values["admin"], values["routes"] = True, routes - {ADMIN}
     return values
 
 

@@ -1,10 +1,14 @@
 """`python -m gateway.keys`: create, list, update, rotate and remove API keys in the keys file.
 
-    python -m gateway.keys generate --name ID [--rate-limit N] [--expires 30d|24h|60m|ISO] [--admin]
+    python -m gateway.keys generate --name ID [--rate-limit N] [--expires 30d|24h|60m|ISO] [--admin] [SCOPES]
     python -m gateway.keys list
     python -m gateway.keys update --name ID [--admin|--no-admin] [--rate-limit N] [--expires 30d|24h|60m|ISO]
+                                  [SCOPES]
     python -m gateway.keys rotate --name ID
     python -m gateway.keys remove --name ID
+
+SCOPES (gateway/keyfile.py's options): `--models NAME,GLOB,...` (or `all`), `--routes GROUP,...` (or `default`),
+`--tokens-per-minute N`, `--tokens-per-day N`, `--max-concurrent N` (`none` lifts a limit in update).
 
 `--file PATH` (default: AUTH_KEYS_FILE, else $DATA_DIR/api_keys.txt) and `--quiet` go before or after the
 subcommand. A new key is printed once, alone on stdout; only its sha256 is stored (see gateway/keyfile.py).
@@ -33,7 +37,21 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from gateway.keyfile import HASH_MARK, KeyEntry, KeyLineError, digest, encode, parse_expiry, parse_line, read_text
+from gateway.keyfile import (
+    ADMIN,
+    DEFAULT_ROUTES,
+    GROUPS,
+    HASH_MARK,
+    KeyEntry,
+    KeyLineError,
+    digest,
+    encode,
+    model_patterns,
+    parse_expiry,
+    parse_line,
+    read_text,
+    route_groups,
+)
 from lifecycle.settings import Settings, SettingsError
 
 KEY_PREFIX = "sk-"
@@ -70,6 +88,49 @@ def rate_limit(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (requests per minute)")
     return int(text)
+
+
+def models_arg(text: str) -> tuple[str, ...]:
+    """`--models`: names and globs, comma-separated, or `all`."""
+    try:
+        return () if text == "all" else model_patterns("models", text)
+    except KeyLineError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
+def routes_arg(text: str) -> frozenset[str]:
+    """`--routes`: route groups, comma-separated, or `default` (inference,embeddings)."""
+    try:
+        return DEFAULT_ROUTES if text == "default" else route_groups("routes", text)
+    except KeyLineError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
+def limit_arg(text: str) -> int | None:
+    """A positive count, or `none` (no limit)."""
+    if text == "none":
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (or none)")
+    return int(text)
+
+
+SCOPE_FLAGS = ("models", "routes", "tokens_per_minute", "tokens_per_day", "max_concurrent")
+
+
+def scope_changes(args: argparse.Namespace) -> dict[str, object]:
+    """The KeyEntry fields the scope flags given set (`--routes` with admin sets the admin flag too)."""
+    changes: dict[str, object] = {}
+    for name in SCOPE_FLAGS:
+        value = getattr(args, name, argparse.SUPPRESS)
+        if value is not argparse.SUPPRESS:
+            changes[name] = value
+    routes = changes.get("routes")
+    if isinstance(routes, frozenset) and ADMIN in routes:
+        if args.command == "update" and args.admin is False:  # (generate's --admin is False when not given)
+            raise UsageError("--routes names admin but --no-admin is given")
+        changes["routes"], changes["admin"] = routes - {ADMIN}, True
+    return changes
 
 
 def expiry(text: str, now: datetime | None = None) -> datetime:
@@ -255,7 +316,22 @@ def resolve_file(given: Path | None) -> Path:
 def _describe(entry: KeyEntry) -> str:
     limit = "default rate limit" if entry.rate_limit is None else f"{entry.rate_limit}/min"
     expires = "never expires" if entry.expires is None else f"expires {entry.expires.isoformat()}"
-    return f"{limit}, {expires}" + (", admin" if entry.admin else "")
+    return f"{limit}, {expires}" + (", admin" if entry.admin else "") + "".join(f", {s}" for s in _scopes(entry))
+
+
+def _scopes(entry: KeyEntry) -> list[str]:
+    """What `list` and the messages say of a key's scopes: only what differs from the defaults."""
+    out = []
+    if entry.models:
+        out.append("models " + ",".join(entry.models))
+    if entry.routes != DEFAULT_ROUTES:
+        out.append("routes " + ",".join(group for group in GROUPS if group in entry.groups))
+    for name, unit in (("tokens_per_minute", "tokens/min"), ("tokens_per_day", "tokens/day"),
+                       ("max_concurrent", "at once")):
+        value = getattr(entry, name)
+        if value is not None:
+            out.append(f"{value} {unit}")
+    return out
 
 
 def _valid(keys: KeysFile, name: str, path: Path) -> tuple[list[int], list[tuple[int, KeyEntry]]]:
@@ -278,7 +354,8 @@ def _note(args: argparse.Namespace, message: str) -> None:
 
 def cmd_generate(args: argparse.Namespace, path: Path) -> int:
     key = new_key()
-    entry = KeyEntry(args.name, digest(key), args.rate_limit, args.expires, admin=args.admin)
+    entry = replace(KeyEntry(args.name, digest(key), args.rate_limit, args.expires, admin=args.admin),
+                    **scope_changes(args))  # type: ignore[arg-type]
 
     def edit(keys: KeysFile) -> None:
         existing = keys.indexes(args.name)
@@ -325,8 +402,10 @@ def cmd_update(args: argparse.Namespace, path: Path) -> int:
         changes["rate_limit"] = args.rate_limit
     if args.expires is not None:
         changes["expires"] = args.expires
+    changes.update(scope_changes(args))
     if not changes:
-        raise UsageError("update needs at least one of --admin, --no-admin, --rate-limit, --expires")
+        raise UsageError("update needs at least one of --admin, --no-admin, --rate-limit, --expires, --models, "
+                         "--routes, --tokens-per-minute, --tokens-per-day, --max-concurrent")
     updated: list[KeyEntry] = []
 
     def edit(keys: KeysFile) -> None:
@@ -382,7 +461,8 @@ def cmd_list(args: argparse.Namespace, path: Path) -> int:
                 "default" if entry.rate_limit is None else str(entry.rate_limit),
                 "never" if entry.expires is None else entry.expires.isoformat(),
                 "expired" if entry.expired(now) else "active",
-                " ".join(note for note, on in (("admin", entry.admin), ("(plaintext)", not entry.hashed)) if on),
+                " ".join([*(note for note, on in (("admin", entry.admin), ("(plaintext)", not entry.hashed)) if on),
+                          *_scopes(entry)]),
             )
         )
     if not rows:
@@ -417,6 +497,19 @@ def _common(sub: bool) -> argparse.ArgumentParser:
     return parent
 
 
+def _scope_flags(parser: argparse.ArgumentParser) -> None:
+    """The scope options of the keys file (gateway/keyfile.py); left out, a flag changes nothing."""
+    none = argparse.SUPPRESS
+    parser.add_argument("--models", type=models_arg, default=none,
+                        help="models it may use: ids, file names, aliases, * ? globs, comma-separated; all (default)")
+    parser.add_argument("--routes", type=routes_arg, default=none,
+                        help=f"route groups it may use, comma-separated: {', '.join(GROUPS)}; "
+                             "default (inference,embeddings)")
+    parser.add_argument("--tokens-per-minute", type=limit_arg, default=none, help="token budget over 60 s (or none)")
+    parser.add_argument("--tokens-per-day", type=limit_arg, default=none, help="token budget over 24 h (or none)")
+    parser.add_argument("--max-concurrent", type=limit_arg, default=none, help="requests in flight at once (or none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gateway.keys", description="Manage the gateway's API keys.", parents=[_common(False)]
@@ -429,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--rate-limit", type=rate_limit, help="requests/minute (default: MAX_REQUESTS_PER_MINUTE)")
     generate.add_argument("--expires", type=expiry, help="30d, 24h, 60m from now, or an ISO date/date-time")
     generate.add_argument("--admin", action="store_true", help="an admin key (model load/unload/refresh)")
+    _scope_flags(generate)
     generate.set_defaults(func=cmd_generate)
 
     listing = commands.add_parser("list", parents=common,
@@ -443,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_argument("--no-admin", dest="admin", action="store_false", help="make it an ordinary key")
     update.add_argument("--rate-limit", type=rate_limit, help="requests/minute")
     update.add_argument("--expires", type=expiry, help="30d, 24h, 60m from now, or an ISO date/date-time")
+    _scope_flags(update)
     update.set_defaults(func=cmd_update)
 
     rotate = commands.add_parser("rotate", parents=common,

@@ -30,7 +30,8 @@ log = logging.getLogger("gateway.metrics")
 OTHER = "other"
 MODEL_STATES = ("loaded", "loading", "sleeping", "unloaded")  # the router's statuses of a served model
 NO_KEY = "none"  # key_id of requests refused before a key was known
-REJECTION_REASONS = ("auth", "rate", "queue_full", "queue_timeout", "size", "invalid", "connections", OTHER)
+REJECTION_REASONS = ("auth", "rate", "scope", "budget", "queue_full", "queue_timeout", "size", "invalid", "connections",
+                     OTHER)
 MAX_KEY_IDS = 1000
 MAX_MODELS = 16
 

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from gateway.errors import error_body
+from gateway.keyfile import KeyEntry
+from gateway.scopes import model_allowed, model_refusal
 from lifecycle.backend import Backend
 from lifecycle.ggufinfo import read_info
 from lifecycle.router import ANY, ServedModel
@@ -60,22 +62,41 @@ def _entry(model: ServedModel, status: str, router_entry: dict[str, Any] | None,
     return entry
 
 
-async def entries(backend: Backend) -> list[dict[str, Any]]:
-    """Every served model's entry (several models)."""
+async def entries(backend: Backend, key: KeyEntry | None = None) -> list[dict[str, Any]]:
+    """The entry of every served model (several models) that `key` may use (gateway.scopes)."""
     models, router = backend.models, backend.router
     assert models is not None and router is not None
     with contextlib.suppress(UpstreamError):  # else the statuses last seen
         await router.refresh()
-    infos = await asyncio.to_thread(lambda: [gguf_metadata(m.path) for m in models.models])
+    served = [model for model in models.models if model_allowed(key, model.names)]
+    infos = await asyncio.to_thread(lambda: [gguf_metadata(m.path) for m in served])
     created = int(time.time())
     return [_entry(model, router.statuses[model.id].value if model.id in router.statuses else "unloaded",
                    router.info.get(model.id), info, created)
-            for model, info in zip(models.models, infos, strict=True)]
+            for model, info in zip(served, infos, strict=True)]
 
 
-async def model_list(backend: Backend) -> Reply:
-    data = await entries(backend)
+def _listing(data: list[dict[str, Any]]) -> Reply:
     return Reply(200, JSON, json.dumps({"object": "list", "data": data}, separators=(",", ":")).encode())
+
+
+async def model_list(pipeline: Pipeline, ex: Exchange) -> Reply | Refusal:
+    """GET /v1/models: the models the caller's key may use. With one model, llama-server's list, unchanged (or
+    empty, for a key that may not use that model)."""
+    key = ex.caller.entry if ex.caller is not None else None
+    backend = pipeline.backend
+    if backend.models is not None:
+        return _listing(await entries(backend, key))
+    if not model_allowed(key, pipeline.names(None)):
+        return _listing([])
+    return await pipeline.whole("GET", "/v1/models", None, {"X-Request-ID": ex.request_id}, ex.request_id)
+
+
+def _refused(key: KeyEntry | None, names: tuple[str, ...]) -> Reply | None:
+    refused = model_refusal(key, names)
+    if refused is None:
+        return None
+    return Reply(refused.status, JSON, error_body(refused.status, refused.message, refused.code, "model"))
 
 
 def not_found(requested: str, ids: list[str]) -> Reply:
@@ -88,13 +109,18 @@ async def one_model(pipeline: Pipeline, ex: Exchange) -> Reply | Refusal:
     requested = unquote(ex.path[len(MODEL_PREFIX):])
     backend = pipeline.backend
     models = backend.models
+    key = ex.caller.entry if ex.caller is not None else None
     if models is not None:
         model = models.get(models.default if requested == ANY else requested)
-        data = await entries(backend)
+        data = await entries(backend, key)
         if model is None:
             return not_found(requested, [entry["id"] for entry in data])
+        if (refused := _refused(key, model.names)) is not None:
+            return refused
         entry = next(entry for entry in data if entry["id"] == model.id)
         return Reply(200, JSON, json.dumps(entry, separators=(",", ":")).encode())
+    if (refused := _refused(key, pipeline.names(None))) is not None:
+        return refused
     reply = await pipeline.whole("GET", "/v1/models", None, {"X-Request-ID": ex.request_id}, ex.request_id)
     if not isinstance(reply, Reply) or reply.status != 200:
         return reply

@@ -83,7 +83,7 @@ class Observer:
         for item in batch:
             try:
                 model = item.model or served
-                usage = _usage(item.answer)
+                usage = answer_usage(item.answer)
                 if usage is not None:
                     metrics.observe_tokens(item.key_id, model, *usage)
                 metrics.observe_request(item.path, item.status, item.key_id, item.duration, model)
@@ -101,7 +101,8 @@ class Observer:
                 log.exception("cannot account for request %s", item.request_id)
 
 
-def _usage(answer: Answer | None) -> Usage | None:
+def answer_usage(answer: Answer | None) -> Usage | None:
+    """The token usage of a recorded answer (None without one, or when it says none)."""
     if answer is None:
         return None
     return usage_from_json(answer.data) if answer.kind == JSON else usage_from_sse(answer.data)

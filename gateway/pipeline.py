@@ -27,10 +27,11 @@ from typing import NamedTuple, Protocol
 
 from gateway import models as listing
 from gateway.admission import Admissions, QueueFull, QueueTimeout
-from gateway.auth import Admitted
+from gateway.auth import Admitted, finished
 from gateway.errors import error_body, shaped, sse_error_event
+from gateway.guard import Guard
 from gateway.metrics import Metrics
-from gateway.observe import JSON, SSE, Answer, Observer
+from gateway.observe import JSON, SSE, Answer, Observer, answer_usage
 from gateway.ratelimit import Decision
 from gateway.routes import counted
 from gateway.stats import Stats
@@ -69,7 +70,7 @@ class Exchange:
     stream: bool = False
     slots: int = 1  # backend slots it holds while it runs (n completions side by side)
     model: str | None = None  # with several models (MODELS): the id of the one it is for
-    caller: Admitted | None = None  # the auth verdict that let it in (the aiohttp lane), for the admin routes
+    caller: Admitted | None = None  # the auth verdict that let it in: its scopes, budgets, concurrency, admin
     status: int = 0  # the status whose headers went out; 0 until then
     rejected: str | None = None  # why the gateway refused it (gateway.metrics.REJECTION_REASONS)
     ttft: float | None = None  # seconds to the first event of a stream
@@ -111,9 +112,10 @@ class Pipeline:
     """One per app, built once its upstream client exists (gateway.app's cleanup context)."""
 
     def __init__(self, settings: Settings, backend: Backend, upstream: Upstream, admission: Admissions,
-                 metrics: Metrics, stats: Stats, observer: Observer) -> None:
+                 metrics: Metrics, stats: Stats, observer: Observer, guard: Guard) -> None:
         self.settings, self.backend, self.upstream = settings, backend, upstream
         self.admission, self.metrics, self.stats, self.observer = admission, metrics, stats, observer
+        self.guard = guard
         self.queue_retry_after = {"Retry-After": str(max(1, round(self.settings.queue_timeout / 4)))}
 
     # --- begin and record: every request a lane answers ---------------------------------------------------------
@@ -126,8 +128,23 @@ class Pipeline:
         """The request is over (answered, refused, failed or abandoned with `status`): count, measure, log."""
         if counted(ex.path):
             self.stats.end(status)
+        if ex.caller is not None:
+            finished(self.guard, ex.caller, lambda: _tokens(ex.answer))
         self.observer.record(ex.path, ex.method, status, ex.key_id, time.monotonic() - ex.started, ex.request_id,
                              ex.rejected, ex.ttft, ex.answer, ex.model)
+
+    def names(self, model: str | None) -> tuple[str, ...]:
+        """The names a key's `models=` is matched against for a request's model (`model`: its id with several
+        models; None with one): the id, the file name and the aliases."""
+        if model is not None and (models := self.backend.models) is not None:
+            served = models.get(model)
+            if served is not None:
+                return served.names
+            return (model,)
+        one = self.backend.model_id  # the file name of the one model
+        if one is None:
+            return ("",)
+        return (one.removesuffix(".gguf"), one) if one.endswith(".gguf") else (one,)
 
     # --- the exchange --------------------------------------------------------------------------------------------
 
@@ -202,8 +219,8 @@ class Pipeline:
     async def get(self, ex: Exchange) -> Reply | Refusal:
         """A GET route: the model list (the gateway's own with several models, or one model of it), or
         llama-server's answer."""
-        if ex.path == "/v1/models" and self.backend.models is not None:
-            return await listing.model_list(self.backend)
+        if ex.path == "/v1/models":
+            return await listing.model_list(self, ex)
         if ex.path.startswith(listing.MODEL_PREFIX):
             return await listing.one_model(self, ex)
         return await self.whole(ex.method, ex.path, None, {"X-Request-ID": ex.request_id}, ex.request_id)
@@ -293,6 +310,11 @@ class Pipeline:
                 self.metrics.observe_ttft(ex.path, ex.ttft, ex.model or self.backend.model_id)
         if not client_left:
             await wire.close()
+
+
+def _tokens(answer: Answer | None) -> int:
+    usage = answer_usage(answer)
+    return 0 if usage is None else usage.prompt_tokens + usage.completion_tokens
 
 
 async def relay(resp: Stream, wire: Wire, tail: StreamTail, path: str, request_id: str,

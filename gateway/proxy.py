@@ -17,6 +17,7 @@ from gateway.decorate import decorate
 from gateway.errors import error_response
 from gateway.pipeline import SSE_HEADERS, unavailable
 from gateway.routes import GET_ROUTES, JSON_ROUTES, MODEL_ROUTE
+from gateway.scopes import model_refusal
 from gateway.state import EXCHANGE, LIMITS, PIPELINE, SETTINGS
 from lifecycle.request_rules import RequestRejected, admit_body
 from lifecycle.settings import passthrough_methods
@@ -77,6 +78,11 @@ async def proxy_json(request: web.Request) -> web.StreamResponse:
     except RequestRejected as exc:
         ex.rejected = "invalid"
         return error_response(exc.status, str(exc), exc.code, param=exc.param)
+    caller = ex.caller.entry if ex.caller is not None else None
+    refused = model_refusal(caller, app[PIPELINE].names(ex.model))
+    if refused is not None:
+        ex.rejected = refused.reason
+        return error_response(refused.status, refused.message, refused.code, param="model")
     ex.stream = parsed.get("stream") is True
     wire = AiohttpWire(request)
     await app[PIPELINE].run(ex, wire)

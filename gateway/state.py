@@ -10,10 +10,10 @@ from gateway.auth import KeyStore
 from gateway.connections import Connections
 from gateway.cors import Cors
 from gateway.drain import Drain
+from gateway.guard import Guard
 from gateway.metrics import Metrics
 from gateway.observe import Observer
 from gateway.pipeline import Exchange, Pipeline
-from gateway.ratelimit import SlidingWindow
 from gateway.requestid import RequestIds
 from gateway.stats import Stats
 from lifecycle.backend import Backend
@@ -27,8 +27,7 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 STATS = web.AppKey("stats", Stats)
 KEYS = web.AppKey("keys", KeyStore)
 CORS = web.AppKey("cors", Cors)
-LIMITER = web.AppKey("limiter", SlidingWindow)
-FAILURES = web.AppKey("auth_failures", SlidingWindow)
+GUARD = web.AppKey("guard", Guard)  # rate limits, token budgets, concurrency, failed keys (gateway.guard)
 ADMISSION = web.AppKey("admission", Admissions)
 DRAIN = web.AppKey("drain", Drain)
 METRICS = web.AppKey("metrics", Metrics)

@@ -30,7 +30,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory, capsys_module: None) -> It
     keys = data / "api_keys.txt"
     keys.write_text(
         "# seed-format keys\n"
-        f"prod:{PROD}\n"
+        f"prod:{PROD} admin=true\n"
         f"limited:{LIMITED}:3\n"
         f"expired:{EXPIRED}::2020-01-01T00:00:00\n"
         f"reloadme:{RELOAD}:4\n"
@@ -91,11 +91,14 @@ def test_public_paths_need_no_key(secured) -> None:  # type: ignore[no-untyped-d
 
 def test_metrics_can_require_a_key(make_gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     keys = tmp_path / "k.txt"
-    keys.write_text(f"ops:{PROD}\n")
+    keys.write_text(f"ops:{PROD} routes=metrics\napp:{LIMITED}\n")
     gw = make_gateway({"AUTH_ENABLED": "true", "AUTH_KEYS_FILE": str(keys), "METRICS_AUTH_ENABLED": "true"},
                       name="metrics-auth")
     assert requests.get(f"{gw.url}/metrics", timeout=5).status_code == 401
     assert requests.get(f"{gw.url}/metrics", headers=auth(PROD), timeout=5).status_code == 200
+    refused = requests.get(f"{gw.url}/metrics", headers=auth(LIMITED), timeout=5)  # the metrics group it lacks
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "route_not_allowed"
+    assert "route group metrics" in refused.json()["error"]["message"]
     assert requests.get(f"{gw.url}/health", timeout=5).status_code == 200
 
 
@@ -129,6 +132,8 @@ def test_reload_on_sighup_and_post(secured) -> None:  # type: ignore[no-untyped-
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert requests.post(f"{gw.url}/reload", timeout=5).status_code == 401
+    not_admin = requests.post(f"{gw.url}/reload", headers=auth(RELOAD), timeout=5)  # an admin action now
+    assert not_admin.status_code == 403 and not_admin.json()["error"]["code"] == "admin_key_required"
     reloaded = requests.post(f"{gw.url}/reload", headers=auth(PROD), timeout=5)
     assert reloaded.status_code == 200 and reloaded.json()["keys"] >= 5
     assert requests.get(f"{gw.url}/v1/models", headers=auth(RELOAD), timeout=5).status_code == 200

@@ -33,7 +33,7 @@ LANES = [pytest.param("true", id="fast-lane"), pytest.param("false", id="aiohttp
 
 def keys_bytes() -> bytes:
     return (b"# owner: M\xfcller (Latin-1, not UTF-8)\n"
-            + f"plain:{PLAIN}\nother:{OTHER}\nhashed:sha256:{digest(HASHED).hex()}\n".encode()
+            + f"plain:{PLAIN}\nother:{OTHER}\nhashed:sha256:{digest(HASHED).hex()} admin=true\n".encode()
             + b"latin:" + LATIN1_KEY + b"\n")
 
 
@@ -157,7 +157,8 @@ def test_an_authorization_header_that_is_not_utf8_is_a_401_and_a_failed_key(tmp_
         assert code == 401 and headers["content-type"].startswith("application/json")
         error = json.loads(body)["error"]
         assert error["type"] == "authentication_error" and error["code"] == "invalid_api_key"
-    code, headers, body = raw_post(gw, OTHER.encode())  # both counted: this address is now blocked
+    code, headers, body = raw_post(gw, b"\xff\xfe-0123456789abcdef")  # both counted: this address is now blocked
     assert code == 429 and json.loads(body)["error"]["code"] == "too_many_auth_failures"
     assert int(headers["retry-after"]) >= 1
+    assert raw_post(gw, OTHER.encode())[0] == 200  # but not for the key it was using (issue 16)
     assert "Traceback" not in gw.output() and "UnicodeEncodeError" not in gw.output()

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from gateway.auth import Admitted, KeyRing, Refused, require_admin, verdict
+from gateway.guard import Guard
 from gateway.keyfile import HASH_MARK, KeyEntry, KeyLineError, digest, parse_keys, parse_line, split_options
-from gateway.ratelimit import SlidingWindow
 from lifecycle.settings import Settings
 
 PLAIN = "sk-plain-0123456789abcdef"
@@ -54,7 +54,16 @@ def test_split_options_takes_only_trailing_name_value_tokens() -> None:
     ("option", "reason"),
     [
         ("admn=true", "unknown option admn"),
-        ("models=llama", "unknown option models"),  # not known yet: skipped, not silently ignored
+        ("model=llama", "unknown option model"),  # a typo of models=: skipped, not silently ignored
+        ("models=", "option models must be a comma-separated list without empty items"),
+        ("models=a,,b", "option models must be a comma-separated list without empty items"),
+        ("models=a|b", "option models holds a name with characters a model name cannot have"),
+        ("routes=inference,admn", "option routes: unknown route group admn"),
+        ("routes=admin admin=false", "option routes names admin but admin=false"),
+        ("tokens_per_minute=0", "option tokens_per_minute must be a positive integer"),
+        ("tokens_per_day=1e6", "option tokens_per_day must be a positive integer"),
+        ("max_concurrent=-1", "option max_concurrent must be a positive integer"),
+        ("tokens_per_day=5 tokens_per_day=6", "option tokens_per_day is given twice"),
         ("admin=yes", "option admin must be true or false"),
         ("admin=True", "option admin must be true or false"),
         ("admin=", "option admin must be true or false"),
@@ -101,8 +110,8 @@ def settings(tmp_path: Path) -> Settings:
 def test_admitted_carries_admin(settings: Settings) -> None:
     ring = KeyRing(tuple(parse_keys(f"ops:{PLAIN} admin=true\nuser:{PLAIN}x\n")))
     for consume in (True, False):
-        ops = verdict(ring, SlidingWindow(), SlidingWindow(), settings, f"Bearer {PLAIN}", "c", consume=consume)
-        user = verdict(ring, SlidingWindow(), SlidingWindow(), settings, f"Bearer {PLAIN}x", "c", consume=consume)
+        ops = verdict(ring, Guard(settings), settings, f"Bearer {PLAIN}", "c", "/v1/models", consume=consume)
+        user = verdict(ring, Guard(settings), settings, f"Bearer {PLAIN}x", "c", "/v1/models", consume=consume)
         assert isinstance(ops, Admitted) and ops.key_id == "ops" and ops.admin
         assert isinstance(user, Admitted) and user.key_id == "user" and not user.admin
         assert require_admin(ops) is None
@@ -115,7 +124,7 @@ def test_admitted_carries_admin(settings: Settings) -> None:
 
 def test_anonymous_is_never_admin(settings: Settings) -> None:
     off = Settings.from_env({"DATA_DIR": str(settings.data_dir), "AUTH_ENABLED": "false"}, probe_roots=[])
-    result = verdict(KeyRing(), SlidingWindow(), SlidingWindow(), off, "", "127.0.0.1")
+    result = verdict(KeyRing(), Guard(off), off, "", "127.0.0.1", "/admin/models/load")
     assert result == Admitted("anonymous", None) and isinstance(result, Admitted) and not result.admin
     refused = require_admin(result)
     assert isinstance(refused, Refused) and refused.status == 403 and refused.code == "admin_key_required"

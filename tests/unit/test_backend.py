@@ -82,7 +82,7 @@ def test_the_gateway_answers_what_classify_says(tmp_path: Path, exc: UpstreamErr
     from gateway.pipeline import Pipeline
 
     settings = settings_for(tmp_path)
-    pipeline = Pipeline(settings, Backend(settings), None, None, None, None, None)  # type: ignore[arg-type]
+    pipeline = Pipeline(settings, Backend(settings), None, None, None, None, None, None)  # type: ignore[arg-type]
     refusal = asyncio.run(pipeline.backend_failed("POST", "/v1/completions", "rid", exc))
     assert (refusal.status, refusal.code) == (status, code)
     if status == 503:

@@ -120,7 +120,7 @@ def test_rejections_by_fixed_reasons() -> None:
     assert value(found, "gateway_rejections_total", reason="other") == 1
     assert value(found, "gateway_rejections_total", reason="auth") == 0  # present before the first refusal
     assert {s.labels["reason"] for s in found["gateway_rejections_total"]} == {
-        "auth", "rate", "queue_full", "queue_timeout", "size", "invalid", "connections", "other"}
+        "auth", "rate", "scope", "budget", "queue_full", "queue_timeout", "size", "invalid", "connections", "other"}
 
 
 def test_tokens_and_generation_speed() -> None:
@@ -275,7 +275,7 @@ def test_json_snapshot_keeps_the_seed_fields() -> None:
     snap = m.json_snapshot(dict(base))
     assert {k: snap[k] for k in base} == base
     assert snap["tokens_prompt_total"] == 31 and snap["tokens_completion_total"] == 8
-    assert snap["rejections"] == {"auth": 0, "rate": 0, "queue_full": 0, "queue_timeout": 1, "size": 0, "invalid": 0,
-                                  "connections": 0, "other": 0}
+    assert snap["rejections"] == {"auth": 0, "rate": 0, "scope": 0, "budget": 0, "queue_full": 0, "queue_timeout": 1,
+                                  "size": 0, "invalid": 0, "connections": 0, "other": 0}
     assert snap["backend_restarts"] == 3
     json.dumps(snap)

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.admission import Admissions
+from gateway.guard import Guard
 from gateway.metrics import Metrics
 from gateway.observe import JSON, SSE, Observer
 from gateway.pipeline import Exchange, Pipeline
@@ -114,7 +115,7 @@ def make(tmp_path: Path, upstream: Any, capacity: int = 2, **env: str) -> tuple[
     metrics = Metrics(CollectorRegistry())
     observer = Observer(metrics, None, lambda: "model")
     pipeline = Pipeline(settings, backend, upstream, Admissions(capacity, 0, 0.05), metrics,  # type: ignore[arg-type]
-                        Stats(), observer)
+                        Stats(), observer, Guard(settings))
     return pipeline, observer
 
 
