@@ -21,6 +21,7 @@ from tests.conftest import Gateway
 
 ADMIN = "sk-models-admin-0123456789"
 USER = "sk-models-user-0123456789"
+ALPHA_ONLY = "sk-models-alpha-only-0123456789"
 CHAT = [{"role": "user", "content": "Hi"}]
 # The fast lane takes plain requests; a query string sends the same request down aiohttp's lane.
 LANES = {"fast": "", "aiohttp": "?lane=aiohttp"}
@@ -45,7 +46,7 @@ def routed(tmp_path_factory: pytest.TempPathFactory, gguf: Path) -> Iterator[Gat
     for name in ("alpha.gguf", "beta.gguf"):
         shutil.copyfile(gguf, models / name)
     keys = data / "api_keys.txt"
-    keys.write_text(f"ops:{ADMIN} admin=true\napp:{USER}\n")
+    keys.write_text(f"ops:{ADMIN} admin=true\napp:{USER}\nalpha-only:{ALPHA_ONLY} models=alpha.gguf\n")
     keys.chmod(0o600)
     gw = Gateway(data, {"MODELS": "all", "MODELS_MAX": "1", "CTX": "2048", "PARALLEL": "2",
                         "AUTH_ENABLED": "true", "AUTH_KEYS_FILE": str(keys), "MAX_REQUESTS_PER_MINUTE": "10000",
@@ -291,3 +292,19 @@ def test_presets_aliases_and_idle_sleep(tmp_path: Path, gguf: Path) -> None:
         assert post("alpha").json()["model"] == "alpha"
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize("lane", LANES)
+def test_a_key_scoped_to_one_model_sees_and_uses_only_that_one(routed: Gateway, lane: str) -> None:
+    """`models=alpha.gguf` (a file name: a model is matched by its id, file name and aliases): beta is refused
+    before anything is loaded for it, and the list shows alpha alone."""
+    beta = requests.post(f"{routed.url}/v1/chat/completions{LANES[lane]}", headers=auth(ALPHA_ONLY), timeout=30,
+                         json={"model": "beta", "messages": CHAT, "max_tokens": 2})
+    assert beta.status_code == 403 and beta.json()["error"]["code"] == "model_not_allowed"
+    assert beta.json()["error"]["message"] == "this API key may not use the model beta; it may use: alpha.gguf"
+    listed = requests.get(f"{routed.url}/v1/models", headers=auth(ALPHA_ONLY), timeout=30).json()
+    assert [entry["id"] for entry in listed["data"]] == ["alpha"]
+    assert {entry["id"] for entry in requests.get(f"{routed.url}/v1/models", headers=auth(), timeout=30)
+            .json()["data"]} == {"alpha", "beta"}
+    one = requests.get(f"{routed.url}/v1/models/beta", headers=auth(ALPHA_ONLY), timeout=30)
+    assert one.status_code == 403 and one.json()["error"]["code"] == "model_not_allowed"
