@@ -1,5 +1,5 @@
 """The admin routes of several models (MODELS): load, unload, refresh. An admin key only (gateway.auth.require_admin,
-the one rule), every action logged with the key id.
+the one rule), every action logged with the key id and written to the audit log (gateway.audit), refusals too.
 
     POST /admin/models/load     {"model": "<id, file name or alias>"}   load it now (the least recently used
                                                                         model is unloaded at MODELS_MAX)
@@ -17,11 +17,12 @@ import logging
 
 from aiohttp import web
 
-from gateway.auth import Admitted, require_admin
+from gateway.audit import FAILED, OK, REFUSED
+from gateway.auth import ANONYMOUS, Admitted, require_admin
 from gateway.errors import error_response
 from gateway.proxy import read_body
 from gateway.routes import ADMIN_ROUTES
-from gateway.state import BACKEND, EXCHANGE
+from gateway.state import AUDIT, BACKEND, EXCHANGE
 from lifecycle.backend import START_ERRORS
 from lifecycle.request_rules import RequestRejected, parse_json_object
 from lifecycle.settings import SettingsError
@@ -29,6 +30,7 @@ from lifecycle.upstream import UpstreamError
 
 log = logging.getLogger("gateway.admin")
 LOAD, UNLOAD, REFRESH = ADMIN_ROUTES
+AUDIT_ACTIONS = {LOAD: "model.load", UNLOAD: "model.unload", REFRESH: "models.refresh"}
 
 
 def _refused(request: web.Request) -> web.Response | None:
@@ -43,6 +45,34 @@ def _refused(request: web.Request) -> web.Response | None:
     return error_response(refused.status, refused.message, refused.code)
 
 
+async def audit_refusal(request: web.Request) -> None:
+    """The audit line of an admin action the gate refused (gateway.auth.verdict: a key without the admin route
+    group): every admin request that gets past the key check has exactly one line, refused ones included."""
+    action = AUDIT_ACTIONS.get(request.path) or ("keys.reload" if request.path == "/reload" else None)
+    if action is not None:
+        await request.app[AUDIT].record(request[EXCHANGE].key_id or ANONYMOUS, action, None, request.remote,
+                                        REFUSED, {"status": 403, "reason": "not an admin key"})
+
+
+async def _audit(request: web.Request, result: str, target: str | None = None, **details: object) -> None:
+    """The action's audit line (gateway.audit): who (the key id), what, on which model, from where, and how it
+    ended; every admin request that gets past the key check has exactly one."""
+    await request.app[AUDIT].record(request[EXCHANGE].key_id or ANONYMOUS, AUDIT_ACTIONS[request.path], target,
+                                    request.remote, result, details)
+
+
+async def _not_now(request: web.Request) -> web.Response | None:
+    """The refusal (403, audited as refused) or the unready backend (503, audited as failed), else None."""
+    refused = _refused(request)
+    if refused is not None:
+        await _audit(request, REFUSED, status=refused.status, reason="not an admin key")
+        return refused
+    unready = _backend_ready(request)
+    if unready is not None:
+        await _audit(request, FAILED, status=unready.status, reason="backend not ready")
+    return unready
+
+
 def _backend_ready(request: web.Request) -> web.Response | None:
     backend = request.app[BACKEND]
     if backend.ready and backend.router is not None:
@@ -52,7 +82,7 @@ def _backend_ready(request: web.Request) -> web.Response | None:
 
 
 async def load_or_unload(request: web.Request) -> web.Response:
-    refused = _refused(request) or _backend_ready(request)
+    refused = await _not_now(request)
     if refused is not None:
         return refused
     backend, ex = request.app[BACKEND], request[EXCHANGE]
@@ -62,6 +92,7 @@ async def load_or_unload(request: web.Request) -> web.Response:
         if model is None:
             raise RequestRejected("give the model to act on: {\"model\": \"<id>\"}", "model")
     except RequestRejected as exc:
+        await _audit(request, FAILED, status=exc.status, reason=exc.code)  # not the body: the caller wrote it
         return error_response(exc.status, str(exc), exc.code, param=exc.param)
     router = backend.router
     assert router is not None
@@ -73,18 +104,21 @@ async def load_or_unload(request: web.Request) -> web.Response:
         status = await router.status(model.id, fresh=True)
     except UpstreamError as exc:
         log.warning("admin: %s %s failed: %s", action, model.id, exc)
+        await _audit(request, FAILED, model.id, status=502, reason="the router did not answer")
         return error_response(502, f"the router did not answer the {action} of {model.id}", "backend_error")
     if code != 200:
         try:
             message = json.loads(answer)["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = f"the router answered {code}"
+        await _audit(request, FAILED, model.id, status=409 if code == 400 else 502, router_status=code)
         return error_response(409 if code == 400 else 502, f"{action} {model.id}: {message}", "model_action_failed")
+    await _audit(request, OK, model.id, status=200, model_status=status.value)
     return web.json_response({"model": model.id, "action": action, "status": status.value})
 
 
 async def refresh(request: web.Request) -> web.Response:
-    refused = _refused(request) or _backend_ready(request)
+    refused = await _not_now(request)
     if refused is not None:
         return refused
     backend, ex = request.app[BACKEND], request[EXCHANGE]
@@ -93,14 +127,17 @@ async def refresh(request: web.Request) -> web.Response:
         models = await backend.refresh_models()
     except (*START_ERRORS, SettingsError) as exc:
         log.warning("admin: refresh refused: %s", exc)
+        await _audit(request, FAILED, status=400, reason="the model list was not changed")
         return error_response(400, f"the model list was not changed: {exc}", "refresh_failed")
     except UpstreamError as exc:
         log.warning("admin: refresh: the router did not reload: %s", exc)
+        await _audit(request, FAILED, status=502, reason="the router did not reload")
         return error_response(502, "the router did not reload its model list", "backend_error")
     ids = list(models.ids)
     added, removed = sorted(set(ids) - before), sorted(before - set(ids))
     log.info("admin: refresh by key_id=%s from %s: %d models (added %s, removed %s) (request_id=%s)", ex.key_id,
              request.remote, len(ids), ", ".join(added) or "none", ", ".join(removed) or "none", ex.request_id)
+    await _audit(request, OK, status=200, models=len(ids), added=added, removed=removed)
     return web.json_response({"models": ids, "default": models.default, "added": added, "removed": removed})
 
 

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from gateway import admin, health, proxy, scrape
 from gateway.accesslog import AccessLog
 from gateway.admission import Admissions
+from gateway.audit import FAILED, OK, SIGNAL, WATCHER, AuditLog
 from gateway.auth import Admitted, KeyStore, credential, verdict
 from gateway.connections import Connections
 from gateway.cors import Cors
@@ -37,6 +38,7 @@ from gateway.routes import ALWAYS_PUBLIC, PROBES
 from gateway.state import (
     ACCESS_LOG,
     ADMISSION,
+    AUDIT,
     BACKEND,
     CONNECTIONS,
     CORS,
@@ -156,6 +158,8 @@ async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamR
         refused = app[CORS].preflight(request)
     if refused is None:
         refused = authorize(request, settings)
+        if refused is not None and refused.status == 403:
+            await admin.audit_refusal(request)  # an admin action refused for its key: audited
     pipeline = app[PIPELINE]
     pipeline.begin(ex)
     status = 500
@@ -200,7 +204,17 @@ async def reload_keys(request: web.Request) -> web.Response:
     body: dict[str, object] = {"status": "reloaded", "keys": len(store.ring)}
     if store.problem is not None:
         body["warning"] = store.problem
+    await audit_reload(request.app, request[EXCHANGE].key_id, request.remote)
     return web.json_response(body)
+
+
+async def audit_reload(app: web.Application, who: str | None, source: str | None) -> None:
+    """The audit line of a keys reload: how many keys are loaded, or why none is (never the file's content)."""
+    store = app[KEYS]
+    details: dict[str, object] = {"file": str(store.path), "keys": len(store.ring)}
+    if store.problem is not None:
+        details["problem"] = store.problem
+    await app[AUDIT].record(who, "keys.reload", None, source, FAILED if store.problem else OK, details)
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -217,15 +231,22 @@ async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
     """Hot reload: a file watcher (at most once a second), and SIGHUP."""
     store = app[KEYS]
     loop = asyncio.get_running_loop()
-    reloads: set[asyncio.Task[bool]] = set()
+    reloads: set[asyncio.Task[None]] = set()
+
+    async def sighup_reload() -> None:
+        await store.reload(force=True)
+        await audit_reload(app, SIGNAL, "SIGHUP")
 
     def on_sighup() -> None:
         log.info("SIGHUP: reloading the keys file")
-        task = loop.create_task(store.reload(force=True))
+        task = loop.create_task(sighup_reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    tasks = [asyncio.create_task(store.watch()), asyncio.create_task(_prune(app))]
+    def changed() -> Awaitable[None]:
+        return audit_reload(app, WATCHER, "file watcher")
+
+    tasks = [asyncio.create_task(store.watch(changed=changed)), asyncio.create_task(_prune(app))]
     hup = False
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
@@ -243,6 +264,12 @@ async def _prune(app: web.Application) -> None:
     while True:
         await asyncio.sleep(60)
         app[GUARD].prune()
+
+
+async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The audit log's writer thread, stopped (after its last line) when the app closes."""
+    yield
+    await asyncio.to_thread(app[AUDIT].close)
 
 
 async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -299,6 +326,8 @@ def create_app(
     app[GUARD] = Guard(settings)
     store = KeyStore(settings.keys_file)
     app[KEYS] = store
+    app[AUDIT] = AuditLog(settings.audit_dir)
+    app.cleanup_ctx.append(_audit_ctx)  # first in, last out: it outlives what writes to it
     if settings.auth_enabled:
         store.load()
         if not store.ring:

@@ -11,14 +11,23 @@ import logging
 import os
 import shlex
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
 from gateway.guard import Guard, retry_after
-from gateway.keyfile import KeyEntry, digest, parse_keys, read_text
+from gateway.keyfile import (
+    MIN_KEY_LENGTH,
+    KeyEntry,
+    KeyLineError,
+    ShortKeyError,
+    digest,
+    parse_keys,
+    parse_line,
+    read_text,
+)
 from gateway.ratelimit import Decision
 from gateway.scopes import route_refusal
 from lifecycle.settings import Settings
@@ -75,6 +84,24 @@ def too_open(mode: int) -> bool:
     return bool(mode & 0o077)
 
 
+def plaintext_keys(text: str) -> list[tuple[int, str, bool]]:
+    """(line number, key id, short) for each plaintext key in a keys file: the ones loaded (short=False) and the
+    ones refused for being under MIN_KEY_LENGTH characters (short=True). Never the key."""
+    found = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            if not parse_line(line).hashed:
+                found.append((number, line.partition(":")[0], False))
+        except ShortKeyError:
+            found.append((number, line.partition(":")[0], True))
+        except KeyLineError:
+            pass
+    return found
+
+
 class KeyStore:
     """Owns the current KeyRing. Reloads happen off the request path: file I/O runs in a worker thread.
 
@@ -90,6 +117,7 @@ class KeyStore:
         self.problem: str | None = None  # why the last read loaded nothing, in words without any key
         self._stamp: Stamp | None = None
         self._warned_modes: set[tuple[str, int]] = set()
+        self._warned_plaintext: set[tuple[str, bool]] = set()  # (key id, short): warned once per process
 
     def _read(self, force: bool) -> KeyRing | None:
         """The new ring, or None when the file is unchanged since the last read (and `force` is false)."""
@@ -109,7 +137,8 @@ class KeyStore:
             return KeyRing()
         self._check_mode(st.st_mode)
         try:
-            ring = KeyRing(tuple(parse_keys(read_text(self.path), str(self.path))))
+            text = read_text(self.path)
+            ring = KeyRing(tuple(parse_keys(text, str(self.path))))
         except Exception as exc:  # fail closed on anything; the text of `exc` may quote the file, so only its type
             reason = type(exc).__name__
             if isinstance(exc, OSError) and exc.strerror:
@@ -120,7 +149,32 @@ class KeyStore:
             return KeyRing()
         self.problem = None
         log.info("loaded %d API key(s) from %s", len(ring), self.path)
+        try:
+            self._warn_plaintext(text)
+        except Exception as exc:  # a warning must never cost the keys just read
+            log.warning("could not check keys file %s for plaintext keys (%s)", self.path, type(exc).__name__)
         return ring
+
+    def _warn_plaintext(self, text: str) -> None:
+        """Warn loudly, once per key id per process, about each plaintext key, and louder about each one that is
+        refused for being short (the old project accepted them). Never the key."""
+        from gateway.keys import command  # the CLI's hints (gateway.keys imports nothing of this module)
+
+        for number, key_id, short in plaintext_keys(text):
+            if (key_id, short) in self._warned_plaintext:
+                continue
+            self._warned_plaintext.add((key_id, short))
+            if short:
+                log.warning(
+                    "keys file %s line %d: key id %s is REFUSED: its plaintext key is shorter than %d characters, "
+                    "short enough to be guessed (the old project accepted such keys); every request with it gets "
+                    "401. Give it a new key with: %s && %s", self.path, number, key_id, MIN_KEY_LENGTH,
+                    command(self.path, "remove", "--name", key_id), command(self.path, "generate", "--name", key_id))
+            else:
+                log.warning(
+                    "keys file %s line %d: key id %s is stored in plaintext: anyone who can read the file (or a "
+                    "backup of it) can use the key; hash it in place, keeping the key working, with: %s",
+                    self.path, number, key_id, command(self.path, "import"))
 
     def _check_mode(self, mode: int) -> None:
         """Warn once per file and mode, as ssh does, when others may read the keys."""
@@ -153,11 +207,13 @@ class KeyStore:
         self.ring = ring
         return True
 
-    async def watch(self, interval: float = 1.0) -> None:
-        """Pick up a changed file by itself, checking at most once a second."""
+    async def watch(self, interval: float = 1.0, changed: Callable[[], Awaitable[object]] | None = None) -> None:
+        """Pick up a changed file by itself, checking at most once a second; `changed` is awaited after each
+        reload that put a new ring in place (the audit log's line)."""
         while True:
             await asyncio.sleep(interval)
-            await self.reload()
+            if await self.reload() and changed is not None:
+                await changed()
 
 
 ANONYMOUS = "anonymous"

@@ -139,6 +139,10 @@ class KeyLineError(ValueError):
     """Why a line was skipped; never contains the key."""
 
 
+class ShortKeyError(KeyLineError):
+    """A plaintext key under MIN_KEY_LENGTH characters: refused, and never hashed by `import` (see gateway.keys)."""
+
+
 def parse_expiry(text: str) -> datetime:
     text = text.strip()
     try:
@@ -260,7 +264,7 @@ def parse_line(line: str) -> KeyEntry:
     else:
         parts = rest.split(":", 2)
         if len(parts[0]) < MIN_KEY_LENGTH:
-            raise KeyLineError(f"the key is shorter than {MIN_KEY_LENGTH} characters")
+            raise ShortKeyError(f"the key is shorter than {MIN_KEY_LENGTH} characters")
         key_digest, hashed = digest(parts[0]), False
     rate = _rate(parts[1].strip()) if len(parts) > 1 else None
     expires = parse_expiry(parts[2]) if len(parts) > 2 and parts[2].strip() else None

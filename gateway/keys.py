@@ -1,4 +1,4 @@
-"""`python -m gateway.keys`: create, list, update, rotate and remove API keys in the keys file.
+"""`python -m gateway.keys`: create, list, update, rotate, remove and import API keys in the keys file.
 
     python -m gateway.keys generate --name ID [--rate-limit N] [--expires 30d|24h|60m|ISO] [--admin] [SCOPES]
     python -m gateway.keys list
@@ -6,6 +6,7 @@
                                   [SCOPES]
     python -m gateway.keys rotate --name ID
     python -m gateway.keys remove --name ID
+    python -m gateway.keys import
 
 SCOPES (gateway/keyfile.py's options): `--models NAME,GLOB,...` (or `all`), `--routes GROUP,...` (or `default`),
 `--tokens-per-minute N`, `--tokens-per-day N`, `--max-concurrent N` (`none` lifts a limit in update).
@@ -18,7 +19,12 @@ Changes are made under an exclusive lock on `<file>.lock` and written atomically
 rename), touching only the lines of the key id named; comments, blank lines, plaintext and even invalid lines are
 kept byte for byte. The gateway picks the change up by itself.
 
-Exit codes: 0 ok, 1 operational error (unknown or duplicate id, unreadable file), 2 usage error.
+`import` hashes the old project's plaintext keys in place (cmd_import). Every change is also one line of the
+audit log, $DATA_DIR/logs/audit/audit.jsonl (gateway.audit; who: `cli`); a line that cannot be written is a
+warning, and the change stands.
+
+Exit codes: 0 ok, 1 operational error (unknown or duplicate id, unreadable file; `import`: a line left that the
+gateway does not load), 2 usage error.
 """
 
 from __future__ import annotations
@@ -37,13 +43,16 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from gateway.audit import CLI, OK, REFUSED, AuditLog, cli_source
 from gateway.keyfile import (
     ADMIN,
     DEFAULT_ROUTES,
     GROUPS,
     HASH_MARK,
+    MIN_KEY_LENGTH,
     KeyEntry,
     KeyLineError,
+    ShortKeyError,
     digest,
     encode,
     model_patterns,
@@ -352,6 +361,29 @@ def _note(args: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def _audit(path: Path, action: str, target: str, result: str = OK, **details: object) -> None:
+    """The audit line of a change just made (gateway.audit), in the gateway's $DATA_DIR/logs/audit/. Never a key
+    or a hash. When it cannot be written the change stands, with a warning (the CLI never creates DATA_DIR)."""
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"warning: no audit line written: {exc}", file=sys.stderr)
+        return
+    if not settings.data_dir.is_dir():
+        print(f"warning: no audit line written: DATA_DIR {settings.data_dir} does not exist (run with the "
+              "gateway's DATA_DIR)", file=sys.stderr)
+        return
+    audit = AuditLog(settings.audit_dir)
+    problem = audit.add(CLI, action, target, cli_source(), result, {"file": str(path), **details})
+    if problem is not None:
+        print(f"warning: the change is made, but no audit line was written to {audit.path} ({problem})",
+              file=sys.stderr)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
 def cmd_generate(args: argparse.Namespace, path: Path) -> int:
     key = new_key()
     entry = replace(KeyEntry(args.name, digest(key), args.rate_limit, args.expires, admin=args.admin),
@@ -367,12 +399,15 @@ def cmd_generate(args: argparse.Namespace, path: Path) -> int:
     change(path, edit)
     print(key)
     _note(args, f"created key {args.name!r} in {path} ({_describe(entry)}); it is shown only this once")
+    _audit(path, "key.create", args.name, rate_limit=entry.rate_limit, expires=_iso(entry.expires),
+           admin=entry.admin)
     return 0
 
 
 def cmd_rotate(args: argparse.Namespace, path: Path) -> int:
     key = new_key()
     rotated: list[KeyEntry] = []
+    removed: list[int] = []
 
     def edit(keys: KeysFile) -> None:
         indexes, valid = _valid(keys, args.name, path)
@@ -384,11 +419,13 @@ def cmd_rotate(args: argparse.Namespace, path: Path) -> int:
             if index != first:
                 del keys.lines[index]
         rotated.append(entry)
+        removed.append(len(indexes) - 1)
 
     change(path, edit, missing=f"unknown key id {args.name!r}: {path} does not exist")
     entry = rotated[0]
     print(key)
     _note(args, f"rotated key {args.name!r} in {path} ({_describe(entry)}); the old key no longer works")
+    _audit(path, "key.rotate", args.name, other_lines_removed=removed[0])
     if entry.expired(datetime.now(UTC)):
         print(f"warning: key {args.name!r} had already expired, so the new key is expired too", file=sys.stderr)
     return 0
@@ -419,6 +456,8 @@ def cmd_update(args: argparse.Namespace, path: Path) -> int:
     change(path, edit, missing=f"unknown key id {args.name!r}: {path} does not exist")
     lines = "" if len(updated) == 1 else f"; {len(updated)} lines"
     _note(args, f"updated key {args.name!r} in {path} ({_describe(updated[0])}{lines})")
+    _audit(path, "key.update", args.name, lines=len(updated),
+           changed={k: _iso(v) if isinstance(v, datetime) else v for k, v in changes.items()})
     return 0
 
 
@@ -436,7 +475,60 @@ def cmd_remove(args: argparse.Namespace, path: Path) -> int:
     change(path, edit, missing=f"unknown key id {args.name!r}: {path} does not exist")
     lines = "1 line" if len(removed) == 1 else f"{len(removed)} lines"
     _note(args, f"removed key {args.name!r} from {path} ({lines})")
+    _audit(path, "key.remove", args.name, lines=len(removed))
     return 0
+
+
+def cmd_import(args: argparse.Namespace, path: Path) -> int:
+    """Hash the old project's plaintext lines in place: the same id, rate limit, expiry and options, the same line
+    ending, so every key keeps working; every other line is kept byte for byte. A plaintext key under 16
+    characters is left as it is (the gateway refuses it, and its hash would make a guessable key work), and so is
+    a line that does not parse: both are listed, and the exit code is then 1. A second run changes nothing."""
+    if not path.exists():
+        raise KeysError(f"nothing to import: {path} does not exist")
+    imported: dict[str, list[int]] = {}
+    short: list[tuple[int, str]] = []
+    invalid: list[tuple[int, str]] = []
+    with locked(path):
+        keys = KeysFile.read(path)
+        for index, raw in enumerate(keys.lines):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                entry = parse_line(line)
+            except ShortKeyError:  # its key id is valid: parse_line checks the id before the key
+                short.append((index + 1, line.partition(":")[0]))
+                continue
+            except KeyLineError as exc:  # the reason never holds the key, and no id is shown (it may not be one)
+                invalid.append((index + 1, str(exc)))
+                continue
+            if not entry.hashed:
+                keys.replace(index, entry.line())
+                imported.setdefault(entry.key_id, []).append(index + 1)
+        if imported:
+            try:
+                write_atomic(path, keys.text())
+            except OSError as exc:
+                raise KeysError(f"cannot write {path}: {exc.strerror or exc}") from None
+    for name, numbers in imported.items():
+        _note(args, f"hashed key {name!r} in place (line {', '.join(map(str, numbers))}); it keeps working")
+        _audit(path, "key.import", name, lines=numbers)
+    for number, name in short:
+        print(f"warning: {path} line {number}: key {name!r} is NOT hashed: its plaintext key is shorter than "
+              f"{MIN_KEY_LENGTH} characters, short enough to guess, so the gateway refuses it (hashing it would make "
+              f"it work). Give it a new key: {command(path, 'remove', '--name', name)} && "
+              f"{command(path, 'generate', '--name', name)}", file=sys.stderr)
+        _audit(path, "key.import", name, REFUSED, line=number, reason=f"key shorter than {MIN_KEY_LENGTH} characters")
+    for number, reason in invalid:
+        print(f"warning: {path} line {number} is left as it is: {reason} (the gateway skips it; fix or remove it, "
+              "then run import again)", file=sys.stderr)
+    count = sum(len(numbers) for numbers in imported.values())
+    if count:
+        _note(args, f"imported {count} plaintext key(s) in {path}: stored as sha256 hashes now, the same keys work")
+    else:
+        _note(args, f"nothing to import: no valid plaintext key in {path}")
+    return 1 if short or invalid else 0
 
 
 def cmd_list(args: argparse.Namespace, path: Path) -> int:
@@ -548,6 +640,10 @@ def build_parser() -> argparse.ArgumentParser:
     remove = commands.add_parser("remove", parents=common, help="delete a key")
     remove.add_argument("--name", required=True, type=key_id, help="the key id")
     remove.set_defaults(func=cmd_remove)
+
+    imports = commands.add_parser("import", parents=common,
+                                  help="hash the old project's plaintext keys in place (they keep working)")
+    imports.set_defaults(func=cmd_import)
     return parser
 
 

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from gateway.accesslog import AccessLog
 from gateway.admission import Admissions
+from gateway.audit import AuditLog
 from gateway.auth import KeyStore
 from gateway.connections import Connections
 from gateway.cors import Cors
@@ -35,6 +36,7 @@ ACCESS_LOG = web.AppKey("access_log", AccessLog)
 OBSERVER = web.AppKey("observer", Observer)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 CONNECTIONS = web.AppKey("connections", Connections)  # open client connections on PORT
+AUDIT = web.AppKey("audit", AuditLog)  # key reloads and admin actions (gateway.audit)
 LIMITS = web.AppKey("limits", Limits)  # what lifecycle.request_rules checks request bodies against
 
 PIPELINE = web.AppKey("pipeline", Pipeline)  # made once the upstream client exists (gateway.app)

@@ -2,8 +2,8 @@
 then drops to that user (the official postgres image's pattern).
 
 `python3 -m lifecycle.container prepare` (as root, before the drop):
-1. creates $DATA_DIR/models, $DATA_DIR/logs and the cache folder and gives them (not the user's own files) to the
-   image user, so a volume that RunPod or Vast.ai mounted root-owned works;
+1. creates $DATA_DIR/models, $DATA_DIR/logs (with _boot, the log folder and audit) and the cache folder and gives
+   them (not the user's own files) to the image user, so a volume that RunPod or Vast.ai mounted root-owned works;
 2. when the keys file is one the image user cannot read (the old project's recipe: mounted read-only, owned by
    root, mode 0600), keeps a private copy in /run/llama-gguf-inference that the user can read, refreshed within a
    second of every change by a small root process (`sync-keys`), so hot reload keeps working; a key removed from
@@ -92,11 +92,12 @@ def prepare(settings: Settings, user: str = IMAGE_USER) -> dict[str, str]:
         exports["LLAMA_GGUF_CACHE_DIR"] = str(cache)  # the same folder after the drop (HOME changes)
     for folder in (settings.data_dir / "models", settings.data_dir / "logs", cache):
         _give(folder, uid, gid)
-    for folder in (settings.data_dir / "logs" / "_boot", settings.log_dir):
+    for folder in (settings.data_dir / "logs" / "_boot", settings.log_dir, settings.audit_dir):
         _give(folder, uid, gid)
         for item in folder.iterdir():  # our own logs from an earlier, root-run start
             if item.is_file() and item.stat().st_uid != uid:
                 os.chown(item, uid, gid)
+    settings.audit_dir.chmod(0o700)  # who changed which key: for the gateway's user alone (gateway.audit)
     keys = settings.keys_file
     if settings.auth_enabled and keys.exists() and not _readable_by(keys, uid, gid):
         RUN_DIR.mkdir(mode=0o700, exist_ok=True)

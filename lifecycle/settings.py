@@ -702,6 +702,11 @@ class Settings:
     def boot_log_dir(self) -> Path:
         return self.data_dir / "logs" / "_boot"
 
+    @property
+    def audit_dir(self) -> Path:
+        """The audit log's folder (gateway.audit): key changes, reloads, admin actions."""
+        return self.data_dir / "logs" / "audit"
+
     def describe(self) -> dict[str, str]:
         """The resolved settings as strings, safe to print: no secrets live in Settings, and a URL's credentials
         and query string (MODEL_URL, MODELS, a signed link's token) are left out."""

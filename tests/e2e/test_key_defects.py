@@ -7,6 +7,7 @@ these tests need to tell a key that works from one that does not.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -117,7 +118,8 @@ def test_a_keys_file_with_a_byte_that_is_not_utf8(tmp_path: Path, gateways: list
     assert code == 200, body
 
     removed = subprocess.run([sys.executable, "-m", "gateway.keys", "--file", str(keys_file), "remove", "--name",
-                              "plain"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+                              "plain"], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                             env={**os.environ, "DATA_DIR": str(data)})  # its audit line next to the gateway's
     assert removed.returncode == 0 and "removed key 'plain'" in removed.stderr
     assert wait_for(lambda: status(gw, PLAIN) == 401, timeout=2.5) < 2.5
     assert status(gw, OTHER) == 200 and status(gw, HASHED) == 200

@@ -97,8 +97,8 @@ def test_a_key_uses_only_its_route_groups(lanes: dict[str, Gateway], lane: str) 
     assert allowed.status_code != 403  # reached the backend (the fake has no /tokenize)
     admin = requests.post(gw.url + "/reload", headers={"Authorization": f"Bearer {FULL}"}, timeout=10)
     assert admin.status_code == 403 and error(admin)["code"] == "admin_key_required"
-    messages = requests.post(gw.url + "/v1/messages", json={"model": "m", "max_tokens": 4, "messages": CHAT["messages"]},
-                             headers={"x-api-key": EMBED}, timeout=10)
+    messages = requests.post(gw.url + "/v1/messages", headers={"x-api-key": EMBED}, timeout=10,
+                             json={"model": "m", "max_tokens": 4, "messages": CHAT["messages"]})
     assert messages.status_code == 403 and messages.json()["type"] == "error"  # Anthropic's error shape
     assert messages.json()["error"]["type"] == "permission_error"
 

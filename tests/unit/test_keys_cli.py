@@ -22,6 +22,7 @@ PLAIN_KEY = "sk-plaintext-abcdef0123456789"
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("AUTH_KEYS_FILE", raising=False)
     monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / "data").mkdir()  # the gateway's DATA_DIR exists: the CLI writes its audit lines under it
 
 
 @pytest.fixture

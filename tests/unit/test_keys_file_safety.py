@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import shlex
@@ -16,9 +17,11 @@ import pytest
 from gateway import auth
 from gateway import keys as cli
 from gateway.app import create_app, reload_keys
+from gateway.audit import AuditLog
 from gateway.auth import KeyStore
 from gateway.keyfile import decode, digest, parse_keys, read_text
-from gateway.state import KEYS
+from gateway.pipeline import Exchange
+from gateway.state import AUDIT, EXCHANGE, KEYS
 from lifecycle.settings import Settings
 from lifecycle.supervisor import Supervisor
 
@@ -97,6 +100,7 @@ def test_a_file_that_cannot_be_read_fails_closed_without_its_content(tmp_path: P
     store = KeyStore(path)
     store.load()
     assert store.ring
+    caplog.clear()  # (the load's warning about the plaintext key)
 
     def broken(p: Path) -> str:  # what the old code met: an error whose text quotes the whole file
         raise UnicodeDecodeError("utf-8", p.read_bytes(), 10, 11, "invalid start byte")
@@ -188,9 +192,14 @@ def test_reload_endpoint_answers_200_with_a_warning_when_the_file_is_unreadable(
     path = write_keys(tmp_path / "api_keys.txt")
     store = KeyStore(path)
     store.load()
+    audit = AuditLog(tmp_path / "audit")
 
-    class Request:
-        app = {KEYS: store}
+    class Request(dict):  # type: ignore[type-arg]
+        app = {KEYS: store, AUDIT: audit}
+        remote = "127.0.0.1"
+
+        def __init__(self) -> None:
+            super().__init__({EXCHANGE: Exchange(0.0, "POST", "/reload", "r-1", key_id="hashed")})
 
     def broken(p: Path) -> str:
         raise UnicodeDecodeError("utf-8", p.read_bytes(), 10, 11, "invalid start byte")
@@ -204,6 +213,15 @@ def test_reload_endpoint_answers_200_with_a_warning_when_the_file_is_unreadable(
     monkeypatch.undo()
     resp = asyncio.run(reload_keys(Request()))  # type: ignore[arg-type]
     assert resp.status == 200 and resp.text == '{"status": "reloaded", "keys": 2}'
+    audit.close()
+    text = audit.path.read_text()
+    assert_no_secret(text, path)
+    failed, ok = (json.loads(line) for line in text.splitlines())
+    assert (failed["who"], failed["action"], failed["from"], failed["result"]) == ("hashed", "keys.reload",
+                                                                                   "127.0.0.1", "failed")
+    assert failed["details"] == {"file": str(path), "keys": 0,
+                                 "problem": "cannot read the keys file (UnicodeDecodeError)"}
+    assert ok["result"] == "ok" and ok["details"] == {"file": str(path), "keys": 2}
 
 
 # --- permissions -------------------------------------------------------------------------------------------------
