@@ -5,6 +5,7 @@
     python -m gateway.keys update --name ID [--admin|--no-admin] [--rate-limit N] [--expires 30d|24h|60m|ISO]
     python -m gateway.keys rotate --name ID
     python -m gateway.keys remove --name ID
+    python -m gateway.keys usage [--since 7d|24h|90m|ISO] [--key ID] [--model M] [--csv|--json] [--db PATH]
 
 `--file PATH` (default: AUTH_KEYS_FILE, else $DATA_DIR/api_keys.txt) and `--quiet` go before or after the
 subcommand. A new key is printed once, alone on stdout; only its sha256 is stored (see gateway/keyfile.py).
@@ -395,6 +396,13 @@ def cmd_list(args: argparse.Namespace, path: Path) -> int:
     return 0
 
 
+def cmd_usage(args: argparse.Namespace, path: Path) -> int:
+    """The usage ledger (gateway/ledger.py, docs/USAGE.md): USAGE_DB, else $DATA_DIR/usage.sqlite3; read-only."""
+    from gateway import ledger
+
+    return ledger.usage_command(args, lambda: Settings.from_env().usage_db, lambda text: _note(args, text))
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -453,6 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     remove = commands.add_parser("remove", parents=common, help="delete a key")
     remove.add_argument("--name", required=True, type=key_id, help="the key id")
     remove.set_defaults(func=cmd_remove)
+
+    usage = commands.add_parser("usage", parents=common, help="requests and tokens per key and model (the ledger)")
+    from gateway.ledger import add_arguments
+
+    add_arguments(usage)
+    usage.set_defaults(func=cmd_usage)
     return parser
 
 
