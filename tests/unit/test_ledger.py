@@ -255,6 +255,8 @@ def test_the_observer_feeds_the_ledger(tmp_path: Path) -> None:
         assert alice.ttft_sum == pytest.approx(0.05)
         assert by[("alice", "")].requests == 1
         assert metrics.cached[("alice", "smol")] == 8 and metrics.cached[("bob", "big")] == 6
+        text = metrics.render(None)[0]
+        assert b'gateway_cached_prompt_tokens_total{key_id="alice",model="smol"} 8.0' in text
 
     asyncio.run(run())
 
