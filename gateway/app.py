@@ -28,6 +28,7 @@ from gateway.decorate import decorate
 from gateway.drain import Drain
 from gateway.errors import CLIENT_CLOSED, INTERNAL_ERROR, error_response, shaped
 from gateway.guard import Guard
+from gateway.ledger import Ledger
 from gateway.limits import MAX_REQUEST_LINE, body_too_large, header_problem
 from gateway.metrics import Metrics
 from gateway.observe import Observer
@@ -46,6 +47,7 @@ from gateway.state import (
     EXCHANGE,
     GUARD,
     KEYS,
+    LEDGER,
     LIMITS,
     METRICS,
     OBSERVER,
@@ -64,6 +66,7 @@ from lifecycle.settings import Settings
 log = logging.getLogger("gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+LEDGER_CLOSE_TIMEOUT = 10.0  # seconds the ledger's last write may wait for the database (BUSY_TIMEOUT and more)
 
 
 def check_limits(request: web.Request, settings: Settings) -> web.Response | None:
@@ -286,12 +289,24 @@ async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(access_log.close)
 
 
+async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The usage ledger's writer thread; its last write comes after the observer's last batch (cleanup runs in
+    reverse order)."""
+    ledger = Ledger(app[SETTINGS].usage_db)
+    await asyncio.to_thread(ledger.open)  # the file and its schema, off the loop; a problem is logged, not fatal
+    ledger.start()
+    app[LEDGER] = ledger
+    yield
+    await asyncio.to_thread(ledger.close, LEDGER_CLOSE_TIMEOUT)
+
+
 async def _observer_ctx(app: web.Application) -> AsyncIterator[None]:
-    """After the access log opens and before it closes, so the last batch still reaches it."""
+    """After the access log and the ledger open and before they close, so the last batch still reaches them."""
     backend = app[BACKEND]
     # the one model's id labels every request; with several models (MODELS) each request names its own
     single = not app[SETTINGS].models
-    observer = Observer(app[METRICS], app.get(ACCESS_LOG), lambda: backend.model_id if single else None)
+    observer = Observer(app[METRICS], app.get(ACCESS_LOG), lambda: backend.model_id if single else None,
+                        app.get(LEDGER))
     app[OBSERVER] = observer
     yield
     observer.flush()
@@ -342,6 +357,8 @@ def create_app(
     app.cleanup_ctx.append(_upstream_ctx)
     if settings.access_log:
         app.cleanup_ctx.append(_access_log_ctx)
+    if settings.usage_ledger:
+        app.cleanup_ctx.append(_ledger_ctx)
     app.cleanup_ctx.append(_observer_ctx)
     app.cleanup_ctx.append(_pipeline_ctx)
     health.add_routes(app)

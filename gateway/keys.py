@@ -7,6 +7,7 @@
     python -m gateway.keys rotate --name ID
     python -m gateway.keys remove --name ID
     python -m gateway.keys import
+    python -m gateway.keys usage [--since 7d|24h|90m|ISO] [--key ID] [--model M] [--csv|--json] [--db PATH]
 
 SCOPES (gateway/keyfile.py's options): `--models NAME,GLOB,...` (or `all`), `--routes GROUP,...` (or `default`),
 `--tokens-per-minute N`, `--tokens-per-day N`, `--max-concurrent N` (`none` lifts a limit in update).
@@ -567,6 +568,13 @@ def cmd_list(args: argparse.Namespace, path: Path) -> int:
     return 0
 
 
+def cmd_usage(args: argparse.Namespace, path: Path) -> int:
+    """The usage ledger (gateway/ledger.py, docs/USAGE.md): USAGE_DB, else $DATA_DIR/usage.sqlite3; read-only."""
+    from gateway import ledger
+
+    return ledger.usage_command(args, lambda: Settings.from_env().usage_db, lambda text: _note(args, text))
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -644,6 +652,12 @@ def build_parser() -> argparse.ArgumentParser:
     imports = commands.add_parser("import", parents=common,
                                   help="hash the old project's plaintext keys in place (they keep working)")
     imports.set_defaults(func=cmd_import)
+
+    usage = commands.add_parser("usage", parents=common, help="requests and tokens per key and model (the ledger)")
+    from gateway.ledger import add_arguments
+
+    add_arguments(usage)
+    usage.set_defaults(func=cmd_usage)
     return parser
 
 

@@ -156,6 +156,11 @@ class _Series(Collector):
                                          labels=("key_id", "model"))
         for labels, value in list(m.completion.items()):
             completion.add_metric(labels, value)
+        cached = CounterMetricFamily("gateway_cached_prompt_tokens",
+                                     "Prompt tokens llama-server reused from its cache (part of the prompt tokens), "
+                                     "by API key id and model", labels=("key_id", "model"))
+        for labels, value in list(m.cached.items()):
+            cached.add_metric(labels, value)
         duration = _histogram_family("gateway_request_duration_seconds",
                                      "Time from the request's arrival to the last byte of the answer",
                                      "route", m.duration)
@@ -167,7 +172,7 @@ class _Series(Collector):
         speed = _histogram_family("gateway_generation_tokens_per_second",
                                   "Generation speed of each completed request (completion tokens / generation time)",
                                   None, {(): m.speed})
-        return [requests, duration, ttft, queue_wait, rejected, prompt, completion, speed]
+        return [requests, duration, ttft, queue_wait, rejected, prompt, completion, cached, speed]
 
 
 def _histogram_family(
@@ -208,6 +213,7 @@ class Metrics:
         self.requests: dict[tuple[str, str, str, str], int] = {}
         self.prompt: dict[tuple[str, str], int] = {}
         self.completion: dict[tuple[str, str], int] = {}
+        self.cached: dict[tuple[str, str], int] = {}
         self.duration = {(route,): _Histogram(DURATION_BUCKETS) for route in (*self.routes, OTHER)}
         self.ttft: dict[tuple[str, str], _Histogram] = {}  # by (route, model): a child per model that streamed
         self.queue_wait = _Histogram(QUEUE_WAIT_BUCKETS)
@@ -257,12 +263,15 @@ class Metrics:
         hist.observe(seconds)
 
     def observe_tokens(
-        self, key_id: str | None, model: str | None, prompt: int, completion: int, seconds_generating: float = 0.0
+        self, key_id: str | None, model: str | None, prompt: int, completion: int, seconds_generating: float = 0.0,
+        cached: int = 0,
     ) -> None:
         labels = (self.key_id(key_id), self.models(model) if model else "unknown")
         if prompt > 0:
             self.prompt_tokens += prompt
             self.prompt[labels] = self.prompt.get(labels, 0) + prompt
+        if cached > 0:
+            self.cached[labels] = self.cached.get(labels, 0) + cached
         if completion > 0:
             self.completion_tokens += completion
             self.completion[labels] = self.completion.get(labels, 0) + completion

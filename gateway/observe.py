@@ -16,8 +16,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from gateway.accesslog import AccessLog, AccessRecord
+from gateway.ledger import Ledger
 from gateway.metrics import Metrics
-from gateway.usage import Usage, usage_from_json, usage_from_sse
+from gateway.routes import JSON_ROUTES, counted
+from gateway.usage import Usage, usage_from_json, usage_from_stream
 
 log = logging.getLogger("gateway.observe")
 
@@ -33,6 +35,7 @@ class Answer(NamedTuple):
 
     kind: str  # JSON or SSE
     data: bytes
+    events: int = 0  # SSE: the `data:` events relayed (StreamTail.events), for a stream cut short
 
 
 class Observed(NamedTuple):
@@ -49,13 +52,20 @@ class Observed(NamedTuple):
     model: str | None = None
 
 
-class Observer:
-    """Owned by the app; record() from the event loop, flush() from the event loop (or a test)."""
+_MODEL_ROUTES = frozenset(JSON_ROUTES)  # the routes whose requests are for a model (the one served, with one)
 
-    def __init__(self, metrics: Metrics, access_log: AccessLog | None, model_id: Callable[[], str | None]) -> None:
+
+class Observer:
+    """Owned by the app; record() from the event loop, flush() from the event loop (or a test).
+
+    With a `ledger` (gateway.ledger, USAGE_LEDGER), every API request with a key id is added to it, in the batch."""
+
+    def __init__(self, metrics: Metrics, access_log: AccessLog | None, model_id: Callable[[], str | None],
+                 ledger: Ledger | None = None) -> None:
         self.metrics = metrics
         self.access_log = access_log
         self.model_id = model_id
+        self.ledger = ledger
         self._pending: list[Observed] = []
         self._timer: asyncio.TimerHandle | None = None
 
@@ -79,13 +89,16 @@ class Observer:
         batch, self._pending = self._pending, []
         if not batch:
             return
-        metrics, access_log, served = self.metrics, self.access_log, self.model_id()
+        metrics, access_log, ledger, served = self.metrics, self.access_log, self.ledger, self.model_id()
         for item in batch:
             try:
                 model = item.model or served
                 usage = answer_usage(item.answer)
                 if usage is not None:
-                    metrics.observe_tokens(item.key_id, model, *usage)
+                    metrics.observe_tokens(item.key_id, model, usage.prompt_tokens, usage.completion_tokens,
+                                           usage.generation_seconds, usage.cached_tokens)
+                if ledger is not None and item.key_id is not None and counted(item.path):
+                    _account(ledger, item, usage, served)
                 metrics.observe_request(item.path, item.status, item.key_id, item.duration, model)
                 if item.rejected is not None:
                     metrics.reject(item.rejected)
@@ -101,8 +114,19 @@ class Observer:
                 log.exception("cannot account for request %s", item.request_id)
 
 
+def _account(ledger: Ledger, item: Observed, usage: Usage | None, served: str | None) -> None:
+    """One API request in the usage ledger. Its model: the request's, else the one served for a route that takes a
+    model; "" for a request for none (GET /v1/models, a refusal before the body named a model)."""
+    model = item.model or (served or "" if item.path in _MODEL_ROUTES else "")
+    if usage is None:
+        ledger.add(item.key_id or "", model, item.started, error=item.status >= 400, ttft=item.ttft)
+    else:
+        ledger.add(item.key_id or "", model, item.started, usage.prompt_tokens, usage.completion_tokens,
+                   usage.cached_tokens, item.status >= 400, item.ttft)
+
+
 def answer_usage(answer: Answer | None) -> Usage | None:
     """The token usage of a recorded answer (None without one, or when it says none)."""
     if answer is None:
         return None
-    return usage_from_json(answer.data) if answer.kind == JSON else usage_from_sse(answer.data)
+    return usage_from_json(answer.data) if answer.kind == JSON else usage_from_stream(answer.data, answer.events)

@@ -304,7 +304,7 @@ class Pipeline:
             client_left = await relay(resp, wire, tail, ex.path, ex.request_id, shape_of(ex.path))
         finally:
             # Also when cancelled: a client that closes as soon as it reads [DONE] cancels its request.
-            ex.answer = Answer(SSE, bytes(tail))
+            ex.answer = Answer(SSE, bytes(tail), tail.events)
             if tail.first_at is not None:
                 ex.ttft = tail.first_at - ex.started
                 self.metrics.observe_ttft(ex.path, ex.ttft, ex.model or self.backend.model_id)

@@ -12,6 +12,7 @@ from gateway.connections import Connections
 from gateway.cors import Cors
 from gateway.drain import Drain
 from gateway.guard import Guard
+from gateway.ledger import Ledger
 from gateway.metrics import Metrics
 from gateway.observe import Observer
 from gateway.pipeline import Exchange, Pipeline
@@ -34,6 +35,7 @@ DRAIN = web.AppKey("drain", Drain)
 METRICS = web.AppKey("metrics", Metrics)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 OBSERVER = web.AppKey("observer", Observer)
+LEDGER = web.AppKey("ledger", Ledger)  # the usage ledger (USAGE_LEDGER), fed by the observer
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 CONNECTIONS = web.AppKey("connections", Connections)  # open client connections on PORT
 AUDIT = web.AppKey("audit", AuditLog)  # key reloads and admin actions (gateway.audit)

@@ -31,6 +31,7 @@ MODES = ("gateway", "handler")
 PORT_RANGE = (1, 65535)
 MODELS_SUBDIR = "models"  # MODELS_DIR's default under DATA_DIR
 KEYS_FILE_NAME = "api_keys.txt"  # AUTH_KEYS_FILE's default under DATA_DIR
+USAGE_DB_NAME = "usage.sqlite3"  # USAGE_DB's default under DATA_DIR
 CACHE_SUBDIR = Path(".cache") / "llama-gguf-inference"  # LLAMA_GGUF_CACHE_DIR's default under home (or DATA_DIR)
 
 
@@ -534,6 +535,12 @@ VARIABLES: tuple[Var, ...] = (
     Var("ACCESS_LOG_MAX_BYTES", "logs", "int", 10_000_000, minimum=1024, new=True,
         doc="Size at which the access log is rotated."),
     Var("ACCESS_LOG_BACKUPS", "logs", "int", 5, new=True, doc="Rotated access logs kept."),
+    Var("USAGE_LEDGER", "logs", "bool", True, new=True,
+        doc="The usage ledger: requests, prompt, completion and cached tokens, errors and time to first token per "
+            "API key id, model and hour, in SQLite (`USAGE_DB`), written off the request path at most every 0.5 s; "
+            "`python -m gateway.keys usage` prints it. See [USAGE.md](USAGE.md)."),
+    Var("USAGE_DB", "logs", "path", shown=f"`$DATA_DIR/{USAGE_DB_NAME}`", new=True,
+        doc="The usage ledger's SQLite file; several gateway processes may share one (on a local disk, not NFS)."),
 )
 VARS: dict[str, Var] = {var.name: var for var in VARIABLES}
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(var.section for var in VARIABLES))
@@ -688,11 +695,17 @@ class Settings:
     log_format: str = setting("LOG_FORMAT")
     access_log_max_bytes: int = setting("ACCESS_LOG_MAX_BYTES")
     access_log_backups: int = setting("ACCESS_LOG_BACKUPS")
+    usage_ledger: bool = setting("USAGE_LEDGER")
+    usage_db_path: Path | None = setting("USAGE_DB")
     deprecations: tuple[str, ...] = ()  # the warnings for deprecated variables that were read
 
     @property
     def keys_file(self) -> Path:
         return self.auth_keys_file or self.data_dir / KEYS_FILE_NAME
+
+    @property
+    def usage_db(self) -> Path:
+        return self.usage_db_path or self.data_dir / USAGE_DB_NAME
 
     @property
     def log_dir(self) -> Path:
@@ -722,6 +735,7 @@ class Settings:
                 value = "auto" if var is not None and var.kind == "auto_int" else ""
             out[item.name] = str(value)
         out["keys_file"] = str(self.keys_file)
+        out["usage_db"] = str(self.usage_db)
         out["log_dir"] = str(self.log_dir)
         return out
 

@@ -2,7 +2,10 @@
 """A stand-in llama-server for supervisor fault tests (slow start, crash while loading, ignores SIGTERM).
 
 FAKE_MODE: ready (default) | never_ready | exit_loading | ignore_sigterm | crash_after_ready (exits with code 9
-FAKE_CRASH_AFTER seconds after start) | stall_stream (POSTs answer one SSE event, then stall FAKE_STALL seconds).
+FAKE_CRASH_AFTER seconds after start) | stall_stream (POSTs answer one SSE event, then stall FAKE_STALL seconds) |
+chat (POSTs answer like llama-server's chat completions: `max_tokens` tokens, whole or streamed one event per token
+every FAKE_TOKEN_INTERVAL seconds, with usage (include_usage) and timings; prompt and cached token counts vary from
+one request to the next).
 FAKE_START_DELAY: seconds to wait (alive, not listening) before binding its port.
 FAKE_BOOTS_FILE: a file it adds a line to at each start; boot N then prints llama-server's start-up lines with
 "offloaded N/31 layers to GPU", and with FAKE_CRASH_BOOTS=K crash_after_ready only crashes on boots 1..K.
@@ -57,6 +60,7 @@ def _arg(flag: str) -> str | None:
     return args[args.index(flag) + 1] if flag in args[:-1] else None
 
 
+answered = 0  # chat mode: requests answered
 props = json.dumps({"default_generation_settings": {"n_ctx": int(_arg("-c"))} if _arg("-c") else {},
                     "total_slots": int(_arg("--parallel") or 1)}).encode()
 
@@ -80,8 +84,11 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         if not self._authorized():
+            return
+        if mode == "chat":
+            self._chat(json.loads(body))
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -96,6 +103,45 @@ class Handler(BaseHTTPRequestHandler):
         time.sleep(float(os.environ.get("FAKE_STALL", "5")))
         chunk(b"data: [DONE]\n\n")
         self.wfile.write(b"0\r\n\r\n")
+
+    def _chat(self, request: dict) -> None:
+        global answered
+        answered += 1
+        completion = int(request.get("max_tokens") or 8)
+        prompt, cached = 10 + answered % 7, answered % 5
+        usage = {"completion_tokens": completion, "prompt_tokens": prompt, "total_tokens": prompt + completion,
+                 "prompt_tokens_details": {"cached_tokens": cached}}
+        timings = {"cache_n": cached, "prompt_n": prompt - cached, "predicted_n": completion, "predicted_ms": 5.0}
+        base = {"created": 1, "id": f"chatcmpl-{answered}", "model": "fake", "system_fingerprint": "fake"}
+        if not request.get("stream"):
+            self._json(200, json.dumps({**base, "object": "chat.completion", "usage": usage, "timings": timings,
+                                        "choices": [{"finish_reason": "length", "index": 0, "message": {
+                                            "content": "tok " * completion, "role": "assistant"}}]}).encode())
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def event(data: dict) -> None:
+            line = b"data: " + json.dumps({**base, "object": "chat.completion.chunk", **data}).encode() + b"\n\n"
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+            self.wfile.flush()
+
+        def delta(content: dict, finish: str | None = None) -> dict:
+            return {"choices": [{"delta": content, "finish_reason": finish, "index": 0}]}
+
+        interval = float(os.environ.get("FAKE_TOKEN_INTERVAL", "0"))
+        event(delta({"content": None, "role": "assistant"}))
+        for _ in range(completion):
+            time.sleep(interval)
+            event(delta({"content": "tok "}))
+        event({**delta({}, "length"), **({} if request.get("stream_options") else {"timings": timings})})
+        if (request.get("stream_options") or {}).get("include_usage"):
+            event({"choices": [], "usage": usage, "timings": timings})
+        line = b"data: [DONE]\n\n"
+        self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(line), line))
+        self.wfile.flush()
 
     def do_GET(self) -> None:
         if not self._authorized():

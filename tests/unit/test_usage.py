@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.usage import HEAD_BYTES, TAIL_BYTES, StreamTail, Usage, usage_from_json, usage_from_sse
+from gateway.usage import (
+    HEAD_BYTES,
+    TAIL_BYTES,
+    StreamTail,
+    Usage,
+    usage_from_json,
+    usage_from_sse,
+    usage_from_stream,
+)
 
 CHUNK = ('data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":" you"}}],"created":1795609032,'
          '"id":"chatcmpl-b","model":"smol","system_fingerprint":"b1-0c1e570","object":"chat.completion.chunk"}\n\n')
@@ -36,7 +44,7 @@ def test_usage_from_a_json_answer() -> None:
             '"usage":{"completion_tokens":8,"prompt_tokens":31,"total_tokens":39,'
             '"prompt_tokens_details":{"cached_tokens":30}},"id":"chatcmpl-G6",' + TIMINGS + '}').encode()
     usage = usage_from_json(body)
-    assert usage == Usage(31, 8, pytest.approx(0.048141))
+    assert usage == Usage(31, 8, pytest.approx(0.048141), 30)
     assert usage is not None and usage[:2] == (31, 8)
 
 
@@ -59,24 +67,24 @@ def test_usage_of_a_large_answer_is_read_from_its_tail() -> None:
 
 
 def test_usage_from_a_stream_with_usage() -> None:
-    assert usage_from_sse(TAIL_WITH_USAGE) == Usage(31, 8, pytest.approx(0.048141))
+    assert usage_from_sse(TAIL_WITH_USAGE) == Usage(31, 8, pytest.approx(0.048141), 30)
 
 
 def test_usage_from_a_stream_with_only_timings() -> None:
     # without include_usage the final chunk still has timings: prompt = evaluated + cached tokens
-    assert usage_from_sse(TAIL_TIMINGS_ONLY) == Usage(31, 8, pytest.approx(0.048141))
+    assert usage_from_sse(TAIL_TIMINGS_ONLY) == Usage(31, 8, pytest.approx(0.048141), 30)
 
 
 def test_usage_from_a_stream_cut_off_or_without_any() -> None:
     assert usage_from_sse(CHUNK.encode() * 3) is None
-    assert usage_from_sse(TAIL_WITH_USAGE[:-14]) == Usage(31, 8, pytest.approx(0.048141))  # [DONE] lost
+    assert usage_from_sse(TAIL_WITH_USAGE[:-14]) == Usage(31, 8, pytest.approx(0.048141), 30)  # [DONE] lost
     # the final event broke off mid-way: a whole usage object still counts, a cut one does not
     cut = TAIL_WITH_USAGE[: TAIL_WITH_USAGE.index(b'"predicted_ms"')]
-    assert usage_from_sse(cut) == Usage(31, 8, 0.0)
+    assert usage_from_sse(cut) == Usage(31, 8, 0.0, 30)
     assert usage_from_sse(TAIL_WITH_USAGE[: TAIL_WITH_USAGE.index(b'"prompt_tokens"')]) is None
     # a tail that starts in the middle of an event, even of a UTF-8 character (the gateway keeps the last bytes)
-    assert usage_from_sse(TAIL_WITH_USAGE[25:]) == Usage(31, 8, pytest.approx(0.048141))
-    assert usage_from_sse("\u00e9".encode()[1:] + TAIL_WITH_USAGE) == Usage(31, 8, pytest.approx(0.048141))
+    assert usage_from_sse(TAIL_WITH_USAGE[25:]) == Usage(31, 8, pytest.approx(0.048141), 30)
+    assert usage_from_sse("\u00e9".encode()[1:] + TAIL_WITH_USAGE) == Usage(31, 8, pytest.approx(0.048141), 30)
 
 
 def test_usage_from_a_text_completion_stream() -> None:
@@ -97,7 +105,7 @@ def test_stream_tail_keeps_the_last_bytes() -> None:
     assert kept.startswith(CHUNK.encode()) and len(kept) == HEAD_BYTES + 2 + TAIL_BYTES
     assert TAIL_WITH_USAGE.endswith(kept[-len(TAIL_WITH_USAGE):])
     assert len(tail.buffer) <= 2 * TAIL_BYTES
-    assert usage_from_sse(kept) == Usage(31, 8, pytest.approx(0.048141))
+    assert usage_from_sse(kept) == Usage(31, 8, pytest.approx(0.048141), 30)
     short = StreamTail()
     short.feed(b"abc")
     assert bytes(short) == b"abc"
@@ -106,19 +114,88 @@ def test_stream_tail_keeps_the_last_bytes() -> None:
 def test_responses_and_anthropic_usage() -> None:
     responses = (b'{"id":"resp_1","object":"response","output":[],"status":"completed","usage":{"input_tokens":31,'
                  b'"input_tokens_details":{"cached_tokens":30},"output_tokens":8,"total_tokens":39}}')
-    assert usage_from_json(responses) == Usage(31, 8)
+    assert usage_from_json(responses) == Usage(31, 8, 0.0, 30)
     anthropic = (b'{"content":[],"id":"x","type":"message","usage":{"cache_read_input_tokens":20,"input_tokens":11,'
                  b'"output_tokens":8}}')
-    assert usage_from_json(anthropic) == Usage(31, 8)
+    assert usage_from_json(anthropic) == Usage(31, 8, 0.0, 20)
     stream = (b'event: message_start\ndata: {"message":{"usage":{"cache_read_input_tokens":20,"input_tokens":11,'
               b'"output_tokens":0}},"type":"message_start"}\n\n'
               b'event: content_block_delta\ndata: {"delta":{"text":"hi","type":"text_delta"},"index":0}\n\n'
               b'event: message_delta\ndata: {"delta":{"stop_reason":"end_turn"},"type":"message_delta",'
               b'"usage":{"output_tokens":8}}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n')
-    assert usage_from_sse(stream) == Usage(31, 8)
+    assert usage_from_sse(stream) == Usage(31, 8, 0.0, 20)
     long = StreamTail()
     long.feed(stream[:stream.index(b"event: content_block_delta")])  # message_start, in the head
     for _ in range(2000):
         long.feed(b'event: content_block_delta\ndata: {"delta":{"text":"x","type":"text_delta"},"index":0}\n\n')
     long.feed(stream[stream.index(b"event: message_delta"):])
-    assert usage_from_sse(bytes(long)) == Usage(31, 8)
+    assert usage_from_sse(bytes(long)) == Usage(31, 8, 0.0, 20)
+
+
+def role_event() -> bytes:
+    return b'data: {"choices":[{"delta":{"content":null,"role":"assistant"},"finish_reason":null,"index":0}]}\n\n'
+
+
+def token_event(text: str = "x") -> bytes:
+    return b'data: {"choices":[{"delta":{"content":"%s"},"finish_reason":null,"index":0}]}\n\n' % text.encode()
+
+
+def test_cached_tokens_of_every_shape() -> None:
+    openai = b'{"usage":{"completion_tokens":2,"prompt_tokens":9,"prompt_tokens_details":{"cached_tokens":7}}}'
+    assert usage_from_json(openai).cached_tokens == 7  # type: ignore[union-attr]
+    timings = b'{"timings":{"cache_n":5,"prompt_n":4,"predicted_n":2}}'  # no usage: llama-server's native answer
+    assert usage_from_json(timings) == Usage(9, 2, 0.0, 5)
+    none = b'{"usage":{"completion_tokens":2,"prompt_tokens":9}}'
+    assert usage_from_json(none) == Usage(9, 2)
+
+
+def test_stream_tail_counts_data_events() -> None:
+    tail = StreamTail()
+    tail.feed(role_event())
+    tail.feed(token_event() * 3)  # several events in one read
+    tail.feed(b'event: content_block_delta\ndata: {"delta":{"text":"data: x"}}\n\n')  # "data:" in a string
+    assert tail.events == 5
+
+
+def test_a_stream_that_ran_to_its_end_counts_its_usage_not_its_events() -> None:
+    stream = role_event() + token_event() * 3 + TAIL_WITH_USAGE
+    assert usage_from_stream(stream, 99) == usage_from_sse(stream)
+
+
+def test_a_stream_cut_short_counts_the_tokens_relayed() -> None:
+    tail = StreamTail()
+    tail.feed(role_event())
+    for _ in range(5):
+        tail.feed(token_event())
+    assert usage_from_sse(bytes(tail)) is None  # no final event: nothing said
+    assert usage_from_stream(bytes(tail), tail.events) == Usage(0, 5)
+    # a long one: the middle is no longer held, and every event there is a token
+    for _ in range(2000):
+        tail.feed(token_event())
+    assert usage_from_stream(bytes(tail), tail.events) == Usage(0, 2005)
+    # the gateway's own error event after the backend broke off is no token
+    tail.feed(b'data: {"error":{"message":"the model backend broke off the stream","code":"backend_error"}}\n\n')
+    assert usage_from_stream(bytes(tail), tail.events) == Usage(0, 2005)
+    assert usage_from_stream(b"", 0) is None
+
+
+def test_an_anthropic_stream_cut_short_keeps_its_prompt_from_the_head() -> None:
+    start = (b'event: message_start\ndata: {"message":{"usage":{"cache_read_input_tokens":20,"input_tokens":11,'
+             b'"output_tokens":0}},"type":"message_start"}\n\n'
+             b'event: content_block_start\ndata: {"content_block":{"text":"","type":"text"},"index":0}\n\n')
+    delta = b'event: content_block_delta\ndata: {"delta":{"text":"x","type":"text_delta"},"index":0}\n\n'
+    tail = StreamTail()
+    tail.feed(start)
+    for _ in range(7):
+        tail.feed(delta)
+    assert usage_from_stream(bytes(tail), tail.events) == Usage(31, 7, 0.0, 20)
+
+
+def test_a_responses_stream_cut_short() -> None:
+    events = [b'event: response.created\ndata: {"type":"response.created"}\n\n',
+              b'event: response.in_progress\ndata: {"type":"response.in_progress"}\n\n',
+              *[b'event: response.output_text.delta\ndata: {"delta":"x","type":"response.output_text.delta"}\n\n'] * 4]
+    tail = StreamTail()
+    for event in events:
+        tail.feed(event)
+    assert usage_from_stream(bytes(tail), tail.events) == Usage(0, 4)
