@@ -28,6 +28,7 @@ from gateway.decorate import decorate
 from gateway.drain import Drain
 from gateway.errors import CLIENT_CLOSED, INTERNAL_ERROR, error_response, shaped
 from gateway.guard import Guard
+from gateway.keyfile import METRICS as METRICS_GROUP
 from gateway.ledger import Ledger
 from gateway.limits import MAX_REQUEST_LINE, body_too_large, header_problem
 from gateway.metrics import Metrics
@@ -352,6 +353,14 @@ def create_app(
                 "AUTH_ENABLED=true but no API keys were loaded from %s: every API request gets 401. "
                 "Create one with: %s (or set AUTH_ENABLED=false for local tests)",
                 settings.keys_file, keys_cli_command(settings.keys_file, "generate", "--name", "my-app"),
+            )
+        elif settings.metrics_auth_enabled and not any(METRICS_GROUP in e.groups for e in store.ring.entries):
+            from gateway.keys import command as keys_cli_command
+
+            log.warning(
+                "METRICS_AUTH_ENABLED=true but no API key has the metrics route group: /metrics answers 403 to "
+                "every key. Give your scraper's key one with: %s",
+                keys_cli_command(settings.keys_file, "update", "--name", "<id>", "--routes", "metrics"),
             )
         app.cleanup_ctx.append(_keys_ctx)
     app.cleanup_ctx.append(_upstream_ctx)

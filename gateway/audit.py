@@ -59,6 +59,8 @@ def _plain(value: object) -> object:
         return value
     if isinstance(value, list | tuple):
         return [_plain(item) for item in value]
+    if isinstance(value, set | frozenset):
+        return sorted(str(_plain(item)) for item in value)
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     raise ValueError(f"not a plain value for the audit log: {type(value).__name__}")

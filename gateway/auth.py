@@ -1,7 +1,9 @@
 """API keys: who may call, checked in constant time, reloaded from the keys file without a restart.
 
 Fails closed: with AUTH_ENABLED=true and no usable key, every protected request gets a 401. Repeated failed keys
-from one client address are answered 429 for a while, so keys cannot be guessed at speed.
+from one client address are answered 429 for a while, and so is any key that address was not already using, so
+keys cannot be guessed at speed while its good traffic goes on. What a key may use (gateway.scopes) and how much
+(token budgets, max_concurrent, the rate limit: gateway.guard) is decided here too, in verdict() and charge().
 """
 
 from __future__ import annotations

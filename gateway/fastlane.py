@@ -10,10 +10,12 @@ is the common case, which is decided before anything is done for it:
    llama.cpp routes), or GET /v1/models, with no query string, and no Origin, Expect, Upgrade or
    Transfer-Encoding header;
 3. the backend is ready and the gateway is not draining;
-4. with AUTH_ENABLED, its key is known and unexpired and its address is not blocked for failed keys (before the
-   body is parsed);
-5. its body passes lifecycle.request_rules (strict JSON, capped fields), the same functions aiohttp's lane calls;
-6. its rate limit lets it through (the last check, the only one that uses anything up).
+4. with AUTH_ENABLED, its key is known and unexpired, its address is not blocked for failed keys (or the key is
+   one that address was using), and the route is in the key's route groups (before the body is parsed);
+5. its body passes lifecycle.request_rules (strict JSON, capped fields), the same functions aiohttp's lane calls,
+   and its model is one the key may use (gateway.scopes);
+6. its token budgets, max_concurrent and rate limit let it through (gateway.auth.charge: the last check, the
+   only one that uses anything up).
 Anything else hands the connection, with every byte of that request, to aiohttp's server, which runs the whole gate
 (gateway.app) and keeps the connection from then on. So refusals, preflights, probes and odd framing have one
 implementation, aiohttp's; a handed-over request is checked again from scratch, and nothing was counted for it.

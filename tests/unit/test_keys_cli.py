@@ -505,3 +505,49 @@ def test_list_shows_admin(capsys: pytest.CaptureFixture[str], keys_file: Path) -
     assert rows["legacy"] == ["legacy", "default", "never", "active", "admin", "(plaintext)"]
     assert rows["user"] == ["user", "default", "never", "active", "(plaintext)"]
     assert HEX not in out and PLAIN not in out
+
+
+# ---------------------------------------------------------------- scopes (issue 16)
+
+
+def test_generate_and_update_set_scopes_and_keep_the_key(capsys: pytest.CaptureFixture[str], keys_file: Path) -> None:
+    key = generate(capsys, keys_file, "app", "--models", "llama-*,qwen3-8b", "--routes", "inference,tokenize",
+                   "--tokens-per-minute", "1000", "--tokens-per-day", "50000", "--max-concurrent", "4")
+    app = entries(keys_file)["app"]
+    assert app.digest == digest(key)
+    assert (app.models, app.routes, app.tokens_per_minute, app.tokens_per_day, app.max_concurrent) == (
+        ("llama-*", "qwen3-8b"), frozenset({"inference", "tokenize"}), 1000, 50000, 4)
+    assert keys_file.read_text().rstrip().endswith(
+        "models=llama-*,qwen3-8b routes=inference,tokenize tokens_per_minute=1000 tokens_per_day=50000 "
+        "max_concurrent=4")
+    code, _, err = run(capsys, "--file", str(keys_file), "update", "--name", "app", "--models", "all",
+                       "--tokens-per-day", "none", "--routes", "default,tokenize")
+    assert code == 2 and "unknown route group" in err  # `default` only alone
+    code, _, err = run(capsys, "--file", str(keys_file), "update", "--name", "app", "--models", "all",
+                       "--tokens-per-day", "none", "--routes", "default")
+    assert code == 0, err
+    app = entries(keys_file)["app"]
+    assert (app.models, app.routes, app.tokens_per_minute, app.tokens_per_day, app.max_concurrent) == (
+        (), frozenset({"inference", "embeddings"}), 1000, None, 4)
+    assert app.digest == digest(key)
+    code, out, _ = run(capsys, "--file", str(keys_file), "list")
+    assert "1000 tokens/min" in out and "4 at once" in out and "models" not in out
+
+
+def test_routes_with_admin_make_an_admin_key(capsys: pytest.CaptureFixture[str], keys_file: Path) -> None:
+    generate(capsys, keys_file, "ops", "--routes", "metrics,admin")
+    ops = entries(keys_file)["ops"]
+    assert ops.admin and ops.groups == {"metrics", "admin"}
+    code, _, err = run(capsys, "--file", str(keys_file), "update", "--name", "ops", "--routes", "admin", "--no-admin")
+    assert code == 2 and "--no-admin" in err
+    assert run(capsys, "--file", str(keys_file), "update", "--name", "ops", "--no-admin")[0] == 0
+    assert entries(keys_file)["ops"].groups == {"metrics"}
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--models", "a,,b"), ("--routes", "inferense"),
+                                             ("--tokens-per-minute", "0"), ("--max-concurrent", "x")])
+def test_bad_scope_flags_are_usage_errors(capsys: pytest.CaptureFixture[str], keys_file: Path, flag: str,
+                                          value: str) -> None:
+    code, _, err = run(capsys, "--file", str(keys_file), "generate", "--name", "x", flag, value)
+    assert code == 2 and flag in err
+    assert not keys_file.exists() or "x:" not in keys_file.read_text()
