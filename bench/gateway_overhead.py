@@ -27,7 +27,8 @@ Needs wrk and nginx (Debian: apt-get install -y nginx wrk); run as root, the scr
     .venv/bin/python bench/gateway_overhead.py [--rounds 3] [--duration 3] [--profile] [--variant DIR]
 
 --variant DIR adds a fourth target: the gateway run from DIR, a patched copy of gateway/ and lifecycle/, so a
-hot-path change is measured against the current code in the same rounds.
+hot-path change is measured against the current code in the same rounds. --key-options '...' gives the current
+gateway's key those keys-file options (scopes, budgets: the variant, maybe older code, keeps the plain line).
 """
 
 from __future__ import annotations
@@ -302,6 +303,9 @@ def main() -> int:
     p.add_argument("--variant", type=Path, default=None,
                    help="a folder holding a patched copy of gateway/ and lifecycle/: adds a 'variant' target, "
                         "measured in the same rounds, to A/B a hot-path change")
+    p.add_argument("--key-options", default="",
+                   help="keys-file options for the 'gateway' target's key only (the variant gets the plain line), "
+                        "e.g. 'models=fake*,other-* tokens_per_minute=1000000000 max_concurrent=1000'")
     args = p.parse_args()
     require_project_venv()
     ensure_tools(not args.no_install)
@@ -324,6 +328,7 @@ def main() -> int:
     client_key = "sk-bench-client-0123456789abcdef"
     (tmp / "backend.key").write_text(backend_key + "\n")
     (tmp / "api_keys.txt").write_text(f"bench:{client_key}\n")
+    (tmp / "api_keys-gateway.txt").write_text(f"bench:{client_key} {args.key_options}".rstrip() + "\n")
     (tmp / "fake.gguf").write_bytes(b"GGUF")  # resolve_model only checks that the file exists
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp / f"nginx-{sub}").mkdir()
@@ -335,7 +340,8 @@ def main() -> int:
     def gateway_env(name: str) -> dict[str, str]:
         port, health, backend = gw_ports[name]
         return venv_env({
-            "DATA_DIR": str(tmp / f"data-{name}"), "AUTH_ENABLED": "true", "AUTH_KEYS_FILE": str(tmp / "api_keys.txt"),
+            "DATA_DIR": str(tmp / f"data-{name}"), "AUTH_ENABLED": "true",
+            "AUTH_KEYS_FILE": str(tmp / ("api_keys-gateway.txt" if name == "gateway" else "api_keys.txt")),
             "HOST": "127.0.0.1", "PORT": str(port), "PORT_HEALTH": str(health), "PORT_BACKEND": str(backend),
             "LLAMA_SERVER_BIN": str(FAKE_SERVER), "MODEL_PATH": str(tmp / "fake.gguf"),
             "EXTRA_ARGS": f"--exit-after {budget:.0f}",

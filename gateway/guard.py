@@ -67,6 +67,9 @@ class TokenWindow:
 
     def retry_after(self, key: str, budget: int) -> float | None:
         """None while less than `budget` is spent; else the seconds until enough ages out to be under it."""
+        total = self._sums.get(key)
+        if total is None or total < budget:  # (the sum before pruning is at least the one after)
+            return None
         now = self.clock()
         buckets = self._recent(key, now)
         if buckets is None or self._sums[key] < budget:

@@ -36,6 +36,7 @@ class Answer(NamedTuple):
     kind: str  # JSON or SSE
     data: bytes
     events: int = 0  # SSE: the `data:` events relayed (StreamTail.events), for a stream cut short
+    usage: Usage | None = None  # already read (a key with a token budget spends it at once: gateway.pipeline)
 
 
 class Observed(NamedTuple):
@@ -129,4 +130,6 @@ def answer_usage(answer: Answer | None) -> Usage | None:
     """The token usage of a recorded answer (None without one, or when it says none)."""
     if answer is None:
         return None
+    if answer.usage is not None:
+        return answer.usage
     return usage_from_json(answer.data) if answer.kind == JSON else usage_from_stream(answer.data, answer.events)

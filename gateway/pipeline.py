@@ -129,7 +129,7 @@ class Pipeline:
         if counted(ex.path):
             self.stats.end(status)
         if ex.caller is not None:
-            finished(self.guard, ex.caller, lambda: _tokens(ex.answer))
+            finished(self.guard, ex.caller, lambda: _spent(ex))
         self.observer.record(ex.path, ex.method, status, ex.key_id, time.monotonic() - ex.started, ex.request_id,
                              ex.rejected, ex.ttft, ex.answer, ex.model)
 
@@ -312,9 +312,14 @@ class Pipeline:
             await wire.close()
 
 
-def _tokens(answer: Answer | None) -> int:
-    usage = answer_usage(answer)
-    return 0 if usage is None else usage.prompt_tokens + usage.completion_tokens
+def _spent(ex: Exchange) -> int:
+    """The tokens of `ex`'s answer, read now (for a token budget) and kept for the batch, which then reads no more."""
+    usage = answer_usage(ex.answer)
+    if usage is None:
+        return 0
+    if ex.answer is not None:
+        ex.answer = ex.answer._replace(usage=usage)
+    return usage.prompt_tokens + usage.completion_tokens
 
 
 async def relay(resp: Stream, wire: Wire, tail: StreamTail, path: str, request_id: str,
