@@ -387,7 +387,8 @@ class FastConnection(asyncio.Protocol):
             except RequestRejected:
                 return None  # aiohttp's lane gives the 400 (or the 404 of an unknown model)
             stream = parsed.get("stream") is True
-            if looked.entry is not None and model_refusal(looked.entry, lane.pipeline.names(model)) is not None:
+            key = looked.entry
+            if key is not None and key.models and model_refusal(key, lane.pipeline.names(model)) is not None:
                 return None  # aiohttp's lane gives the 403
         admitted = looked if looked.entry is None else charge(lane.guard, looked, self.client)
         if not isinstance(admitted, Admitted):

@@ -21,6 +21,7 @@ from gateway.ratelimit import SlidingWindow
 from lifecycle.settings import Settings
 
 GOOD_FOR = 3600.0  # seconds a key used successfully from an address counts as that address's own
+GOOD_REFRESH = 60.0  # how often a key's last success from an address is noted again (GOOD_FOR is exact to this)
 MAX_GOOD_PER_ADDRESS = 64
 MAX_GOOD_ADDRESSES = 100_000
 
@@ -101,6 +102,9 @@ class Guard:
 
     def got_in(self, address: str, key_id: str) -> None:
         keys = self.good.get(address)
+        now = self.clock()
+        if keys is not None and (at := keys.get(key_id)) is not None and now - at < GOOD_REFRESH:
+            return  # seen within the last minute: nothing to change on the hot path
         if keys is None:
             if len(self.good) >= MAX_GOOD_ADDRESSES:
                 self.good.pop(next(iter(self.good)))  # the address seen longest ago goes first
@@ -108,7 +112,7 @@ class Guard:
         elif len(keys) >= MAX_GOOD_PER_ADDRESS and key_id not in keys:
             keys.pop(next(iter(keys)))
         keys.pop(key_id, None)
-        keys[key_id] = self.clock()
+        keys[key_id] = now
 
     def known(self, address: str, key_id: str) -> bool:
         """Whether `key_id` got in from `address` within GOOD_FOR seconds."""

@@ -34,7 +34,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -97,14 +97,14 @@ class KeyEntry:
     tokens_per_minute: int | None = None
     tokens_per_day: int | None = None
     max_concurrent: int | None = None
+    # Every route group it may use, admin included when it is an admin key (computed once: read on every request)
+    groups: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "groups", self.routes | {ADMIN} if self.admin else self.routes)
 
     def expired(self, now: datetime) -> bool:
         return self.expires is not None and now >= self.expires
-
-    @property
-    def groups(self) -> frozenset[str]:
-        """Every route group it may use, admin included when it is an admin key."""
-        return self.routes | {ADMIN} if self.admin else self.routes
 
     @property
     def budgeted(self) -> bool:

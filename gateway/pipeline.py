@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import NamedTuple, Protocol
 
 from gateway import models as listing
@@ -141,10 +142,7 @@ class Pipeline:
             if served is not None:
                 return served.names
             return (model,)
-        one = self.backend.model_id  # the file name of the one model
-        if one is None:
-            return ("",)
-        return (one.removesuffix(".gguf"), one) if one.endswith(".gguf") else (one,)
+        return _one_model_names(self.backend.model_id)  # the file name of the one model
 
     # --- the exchange --------------------------------------------------------------------------------------------
 
@@ -310,6 +308,13 @@ class Pipeline:
                 self.metrics.observe_ttft(ex.path, ex.ttft, ex.model or self.backend.model_id)
         if not client_left:
             await wire.close()
+
+
+@lru_cache(maxsize=8)
+def _one_model_names(file_name: str | None) -> tuple[str, ...]:
+    if file_name is None:
+        return ("",)
+    return (file_name.removesuffix(".gguf"), file_name) if file_name.endswith(".gguf") else (file_name,)
 
 
 def _spent(ex: Exchange) -> int:

@@ -79,7 +79,7 @@ async def proxy_json(request: web.Request) -> web.StreamResponse:
         ex.rejected = "invalid"
         return error_response(exc.status, str(exc), exc.code, param=exc.param)
     caller = ex.caller.entry if ex.caller is not None else None
-    refused = model_refusal(caller, app[PIPELINE].names(ex.model))
+    refused = model_refusal(caller, app[PIPELINE].names(ex.model)) if caller is not None and caller.models else None
     if refused is not None:
         ex.rejected = refused.reason
         return error_response(refused.status, refused.message, refused.code, param="model")
