@@ -307,7 +307,7 @@ async def _observer_ctx(app: web.Application) -> AsyncIterator[None]:
     # the one model's id labels every request; with several models (MODELS) each request names its own
     single = not app[SETTINGS].models
     observer = Observer(app[METRICS], app.get(ACCESS_LOG), lambda: backend.model_id if single else None,
-                        app.get(LEDGER))
+                        app.get(LEDGER), app[GUARD].spend)
     app[OBSERVER] = observer
     yield
     observer.flush()

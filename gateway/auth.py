@@ -315,16 +315,21 @@ def charge(guard: Guard, looked: Admitted, client: str) -> Admitted | Refused:
     return Admitted(key_id, decision, looked.limit, entry.admin, entry, holds)
 
 
-def finished(guard: Guard, caller: Admitted | None, tokens: Callable[[], int]) -> None:
-    """A request `caller` was let in for is over: its place in `max_concurrent` is given back, and with a token
-    budget its tokens (`tokens()`, read from its answer only then) are spent at once, so the next request sees
-    them (the metrics and the ledger read them later, in their batch)."""
+def finished(guard: Guard, caller: Admitted | None, tokens: Callable[[], int] | None) -> bool:
+    """A request `caller` was let in for is over: its place in `max_concurrent` is given back. With a token budget,
+    its tokens are spent: at once when `tokens` is given (a stream: `tokens()` reads its tail now), else the caller
+    leaves them to the observer's batch (gateway.observe, within FLUSH_INTERVAL: a whole answer read there with all
+    the others costs far less than one read alone). True when the batch is to spend them."""
     if caller is None or caller.entry is None:
-        return
+        return False
     if caller.holds:
         guard.leave(caller.key_id)
-    if caller.entry.budgeted:
-        guard.spend(caller.key_id, tokens())
+    if not caller.entry.budgeted:
+        return False
+    if tokens is None:
+        return True
+    guard.spend(caller.key_id, tokens())
+    return False
 
 
 ADMIN_REQUIRED = "this action needs an admin key"

@@ -51,6 +51,7 @@ class Observed(NamedTuple):
     ttft: float | None
     answer: Answer | None
     model: str | None = None
+    spend: bool = False  # its tokens count against its key's token budget (Guard.spend), here in the batch
 
 
 _MODEL_ROUTES = frozenset(JSON_ROUTES)  # the routes whose requests are for a model (the one served, with one)
@@ -62,8 +63,9 @@ class Observer:
     With a `ledger` (gateway.ledger, USAGE_LEDGER), every API request with a key id is added to it, in the batch."""
 
     def __init__(self, metrics: Metrics, access_log: AccessLog | None, model_id: Callable[[], str | None],
-                 ledger: Ledger | None = None) -> None:
+                 ledger: Ledger | None = None, spend: Callable[[str, int], None] | None = None) -> None:
         self.metrics = metrics
+        self.spend = spend  # gateway.guard.Guard.spend: the token budgets of whole answers
         self.access_log = access_log
         self.model_id = model_id
         self.ledger = ledger
@@ -73,11 +75,13 @@ class Observer:
     def record(
         self, path: str, method: str, status: int, key_id: str | None, duration: float, request_id: str,
         rejected: str | None, ttft: float | None, answer: Answer | None, model: str | None = None,
+        spend: bool = False,
     ) -> None:
-        """`model`: the request's model with several models; else the one model_id() serves."""
+        """`model`: the request's model with several models; else the one model_id() serves. `spend`: its tokens
+        count against its key's token budget (gateway.auth.finished)."""
         pending = self._pending
         pending.append(Observed(path, method, status, key_id, duration, time.time() - duration, request_id,
-                                rejected, ttft, answer, model))
+                                rejected, ttft, answer, model, spend))
         if len(pending) >= BATCH:
             self.flush()
         elif self._timer is None:
@@ -95,6 +99,8 @@ class Observer:
             try:
                 model = item.model or served
                 usage = answer_usage(item.answer)
+                if item.spend and usage is not None and self.spend is not None and item.key_id is not None:
+                    self.spend(item.key_id, usage.prompt_tokens + usage.completion_tokens)
                 if usage is not None:
                     metrics.observe_tokens(item.key_id, model, usage.prompt_tokens, usage.completion_tokens,
                                            usage.generation_seconds, usage.cached_tokens)

@@ -129,10 +129,11 @@ class Pipeline:
         """The request is over (answered, refused, failed or abandoned with `status`): count, measure, log."""
         if counted(ex.path):
             self.stats.end(status)
-        if ex.caller is not None:
-            finished(self.guard, ex.caller, lambda: _spent(ex))
+        spend = False
+        if ex.caller is not None:  # a stream's tokens count at once; a whole answer's in the batch
+            spend = finished(self.guard, ex.caller, (lambda: _spent(ex)) if ex.stream else None)
         self.observer.record(ex.path, ex.method, status, ex.key_id, time.monotonic() - ex.started, ex.request_id,
-                             ex.rejected, ex.ttft, ex.answer, ex.model)
+                             ex.rejected, ex.ttft, ex.answer, ex.model, spend)
 
     def names(self, model: str | None) -> tuple[str, ...]:
         """The names a key's `models=` is matched against for a request's model (`model`: its id with several
@@ -318,7 +319,7 @@ def _one_model_names(file_name: str | None) -> tuple[str, ...]:
 
 
 def _spent(ex: Exchange) -> int:
-    """The tokens of `ex`'s answer, read now (for a token budget) and kept for the batch, which then reads no more."""
+    """The tokens of a stream's answer, read now (for a token budget) and kept for the batch, which reads no more."""
     usage = answer_usage(ex.answer)
     if usage is None:
         return 0

@@ -161,3 +161,28 @@ def test_known_keys_per_address_are_bounded_and_age_out(settings: Settings) -> N
     assert not guard.known("10.0.0.1", "key99")
     guard.prune()
     assert guard.good == {}
+
+
+def test_a_whole_answer_spends_its_budget_in_the_observers_batch() -> None:
+    """A stream's tokens are spent as it is recorded (finished() reads its tail); a whole answer's in the batch,
+    where it is read with every other one (within FLUSH_INTERVAL), never twice."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from gateway.metrics import Metrics
+    from gateway.observe import JSON, Answer, Observer
+
+    spent: list[tuple[str, int]] = []
+    body = b'{"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20}}'
+
+    async def run() -> None:
+        observer = Observer(Metrics(CollectorRegistry()), None, lambda: "m", None, lambda k, n: spent.append((k, n)))
+        observer.record("/v1/chat/completions", "POST", 200, "k", 0.01, "rid", None, None, Answer(JSON, body),
+                        spend=True)
+        observer.record("/v1/chat/completions", "POST", 200, "other", 0.01, "rid", None, None, Answer(JSON, body))
+        assert spent == []  # not yet: in the batch
+        observer.flush()
+
+    asyncio.run(run())
+    assert spent == [("k", 20)]
