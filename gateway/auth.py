@@ -26,6 +26,7 @@ from gateway.keyfile import (
     KeyLineError,
     ShortKeyError,
     digest,
+    key_lines,
     parse_keys,
     parse_line,
     read_text,
@@ -90,10 +91,7 @@ def plaintext_keys(text: str) -> list[tuple[int, str, bool]]:
     """(line number, key id, short) for each plaintext key in a keys file: the ones loaded (short=False) and the
     ones refused for being under MIN_KEY_LENGTH characters (short=True). Never the key."""
     found = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+    for number, line in key_lines(text):
         try:
             if not parse_line(line).hashed:
                 found.append((number, line.partition(":")[0], False))

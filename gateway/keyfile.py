@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -271,12 +271,17 @@ def parse_line(line: str) -> KeyEntry:
     return KeyEntry(key_id, key_digest, rate, expires, hashed, **options)  # type: ignore[arg-type]
 
 
-def parse_keys(text: str, source: str = "keys file") -> list[KeyEntry]:
-    entries = []
+def key_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(line number, stripped line) of every line that is not blank or a comment: the lines that are keys."""
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+        if line and not line.startswith("#"):
+            yield number, line
+
+
+def parse_keys(text: str, source: str = "keys file") -> list[KeyEntry]:
+    entries = []
+    for number, line in key_lines(text):
         try:
             entries.append(parse_line(line))
         except KeyLineError as exc:
