@@ -33,7 +33,7 @@ QUERY = {"fast": None, "aiohttp": {"lane": "aiohttp"}}  # the same, for the SDKs
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     data = tmp_path_factory.mktemp("api-surface")
     keys = data / "api_keys.txt"
-    keys.write_text(f"app:{KEY}\n")
+    keys.write_text(f"app:{KEY} routes=inference,embeddings,tokenize\n")  # tokenize: its own route group
     keys.chmod(0o600)
     gateway = Gateway(data, {"AUTH_ENABLED": "true", "AUTH_KEYS_FILE": str(keys), "MAX_TOKENS": str(MAX_TOKENS),
                              "CTX": "1024", "PARALLEL": "2", "MAX_REQUESTS_PER_MINUTE": "100000",
