@@ -62,10 +62,10 @@ def route_refusal(entry: KeyEntry, path: str, passthrough: tuple[str, ...] = ())
     group = group_of(path, passthrough)
     if group is None or group in entry.groups:
         return None
-    from gateway.auth import ADMIN_REQUIRED, Refused
+    from gateway.auth import Admitted, Refused, require_admin
 
-    if group == ADMIN:  # the admin routes' own message and code (gateway.auth.require_admin)
-        return Refused(403, ADMIN_REQUIRED, "admin_key_required", "auth", key_id=entry.key_id)
+    if group == ADMIN:  # the admin routes' one rule, with its own message and code
+        return require_admin(Admitted(entry.key_id, None, 0, entry.admin, entry))
     allowed = ", ".join(sorted(entry.groups)) or "none"
     return Refused(403, f"this API key may not use {path} (route group {group}); its route groups: {allowed}",
                    "route_not_allowed", "scope", key_id=entry.key_id)
