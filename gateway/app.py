@@ -21,7 +21,7 @@ from gateway import admin, health, proxy, scrape
 from gateway.accesslog import AccessLog
 from gateway.admission import Admissions
 from gateway.audit import FAILED, OK, SIGNAL, WATCHER, AuditLog
-from gateway.auth import Admitted, KeyStore, credential, verdict
+from gateway.auth import Admitted, KeyRing, KeyStore, credential, judge, verdict
 from gateway.connections import Connections
 from gateway.cors import Cors
 from gateway.decorate import decorate
@@ -37,6 +37,7 @@ from gateway.pipeline import Exchange, Pipeline
 from gateway.requestid import HEADER as REQUEST_ID_HEADER
 from gateway.requestid import RequestIds
 from gateway.routes import ALWAYS_PUBLIC, PROBES
+from gateway.shared import Shared, revocation_tag
 from gateway.state import (
     ACCESS_LOG,
     ADMISSION,
@@ -55,6 +56,7 @@ from gateway.state import (
     PIPELINE,
     REQUEST_IDS,
     SETTINGS,
+    SHARED,
     STATS,
     UPSTREAM,
 )
@@ -115,15 +117,21 @@ def _public(request: web.Request, settings: Settings) -> bool:
     return path == "/metrics" and not settings.metrics_auth_enabled
 
 
-def authorize(request: web.Request, settings: Settings) -> web.Response | None:
+async def authorize(request: web.Request, settings: Settings) -> web.Response | None:
     """Who is calling and whether their rate limit allows it (gateway.auth.verdict, the rule the fast lane uses
-    too); None means go on, with the key id and the rate decision on the request's Exchange."""
+    too; with REDIS_URL through gateway.auth.judge, on the shared windows); None means go on, with the key id and
+    the rate decision on the request's Exchange."""
     ex = request[EXCHANGE]
     if settings.auth_enabled and _public(request, settings):
         return None
     app = request.app
     presented = credential(request.headers.get("Authorization", ""), request.headers.get("x-api-key", ""))
-    result = verdict(app[KEYS].ring, app[GUARD], settings, presented, request.remote or "unknown", request.path)
+    shared = app.get(SHARED)
+    if shared is None or not settings.auth_enabled:
+        result = verdict(app[KEYS].ring, app[GUARD], settings, presented, request.remote or "unknown", request.path)
+    else:
+        result = await judge(app[KEYS].ring, app[GUARD], shared, settings, presented, request.remote or "unknown",
+                             request.path)
     if isinstance(result, Admitted):
         ex.key_id, ex.decision, ex.caller = result.key_id, result.decision, result
         return None
@@ -161,7 +169,7 @@ async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if refused is None and Cors.is_preflight(request):
         refused = app[CORS].preflight(request)
     if refused is None:
-        refused = authorize(request, settings)
+        refused = await authorize(request, settings)
         if refused is not None and refused.status == 403:
             await admin.audit_refusal(request)  # an admin action refused for its key: audited
     pipeline = app[PIPELINE]
@@ -264,6 +272,49 @@ async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
+async def _shared_ctx(app: web.Application) -> AsyncIterator[None]:
+    """REDIS_URL: reach Redis (a warning when it cannot be: limits stay per replica until it can), then keep the
+    shared state in step in the background until the app closes."""
+    shared = app[SHARED]
+    await shared.start()
+    task = asyncio.create_task(shared.run())
+    log.info("limits shared through Redis (REDIS_URL): %s", "reachable" if shared.up else "NOT reachable")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await shared.close()
+
+
+def _share(app: web.Application, settings: Settings, store: KeyStore, guard: Guard, metrics: Metrics) -> None:
+    """With REDIS_URL: the shared windows (gateway.shared), told of every key this replica's file loses or gains
+    and of every token spent; the revoked set's copy lands in Guard.revoked."""
+    assert settings.redis_url is not None
+
+    def on_revoked(tags: frozenset[str]) -> None:
+        guard.revoked = tags
+
+    shared = Shared(settings.redis_url, settings.redis_timeout, settings.auth_failure_limit,
+                    settings.auth_failure_window, on_revoked)
+
+    def on_change(old: KeyRing, new: KeyRing) -> None:
+        before, after = {e.digest for e in old.entries}, {e.digest for e in new.entries}
+        removed, added = before - after, after - before
+        if removed or added:
+            shared.keys_changed(removed, added)
+            gone = {revocation_tag(d) for d in removed}
+            back = {revocation_tag(d) for d in added}
+            guard.revoked = (guard.revoked | gone) - back  # here at once; everywhere once sent
+            log.info("keys file changed: %d key(s) revoked and %d allowed on every replica (REDIS_URL)",
+                     len(removed), len(added))
+
+    store.on_change = on_change
+    guard.spent = shared.spend
+    metrics.shared_source = lambda: (shared.up, shared.fallbacks)
+    app[SHARED] = shared
+    app.cleanup_ctx.append(_shared_ctx)
+
+
 async def _prune(app: web.Application) -> None:
     while True:
         await asyncio.sleep(60)
@@ -339,9 +390,11 @@ def create_app(
     app[LIMITS] = Limits.from_settings(settings, backend if settings.models else None)
     app[CONNECTIONS] = Connections(settings.max_connections, app[REQUEST_IDS], lambda: metrics.reject("connections"))
     app[CORS] = Cors(settings.cors_origins)
-    app[GUARD] = Guard(settings)
+    app[GUARD] = guard = Guard(settings)
     store = KeyStore(settings.keys_file)
     app[KEYS] = store
+    if settings.redis_url and settings.auth_enabled:
+        _share(app, settings, store, guard, metrics)
     app[AUDIT] = AuditLog(settings.audit_dir)
     app.cleanup_ctx.append(_audit_ctx)  # first in, last out: it outlives what writes to it
     if settings.auth_enabled:

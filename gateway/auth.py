@@ -33,6 +33,7 @@ from gateway.keyfile import (
 )
 from gateway.ratelimit import Decision
 from gateway.scopes import route_refusal
+from gateway.shared import Facts, Shared, revocation_tag
 from lifecycle.settings import Settings
 
 log = logging.getLogger("gateway.auth")
@@ -118,6 +119,9 @@ class KeyStore:
         self._stamp: Stamp | None = None
         self._warned_modes: set[tuple[str, int]] = set()
         self._warned_plaintext: set[tuple[str, bool]] = set()  # (key id, short): warned once per process
+        # told (old ring, new ring) after each reload that read the file and put a new ring in place (not after
+        # one that failed: a file that cannot be read revokes nothing): gateway.shared's revocations
+        self.on_change: Callable[[KeyRing, KeyRing], None] | None = None
 
     def _read(self, force: bool) -> KeyRing | None:
         """The new ring, or None when the file is unchanged since the last read (and `force` is false)."""
@@ -204,7 +208,9 @@ class KeyStore:
             return False
         if ring is None:
             return False
-        self.ring = ring
+        old, self.ring = self.ring, ring
+        if self.on_change is not None and self.problem is None:
+            self.on_change(old, ring)
         return True
 
     async def watch(self, interval: float = 1.0, changed: Callable[[], Awaitable[object]] | None = None) -> None:
@@ -249,27 +255,35 @@ class Refused(NamedTuple):
 
 def verdict(
     ring: KeyRing, guard: Guard, settings: Settings, header: str, client: str, path: str,
-    *, consume: bool = True, now: datetime | None = None,
+    *, consume: bool = True, now: datetime | None = None, facts: Facts | None = None,
 ) -> Admitted | Refused:
     """Who is calling and whether they may: the one auth, scope, budget and rate-limit rule of both lanes.
 
     `header` is the credential's value (gateway.auth.credential), `client` the caller's address, `path` the route.
-    In order: the key (a bad key counts against `client`); an address over AUTH_FAILURE_LIMIT failures is refused
-    anything but the keys it was already using (Guard.known), so guesses stop and its good traffic does not; the
-    key's route groups (gateway.scopes); then charge(): token budgets, concurrency and the rate limit. With
-    consume=True (the default) charge() is done here; consume=False only looks (the fast lane's first look, before
-    it parses the body; it then checks the model and calls charge() itself)."""
+    In order: the key (a bad key counts against `client`; a revoked one is refused: Guard.revoked, and the
+    shared set); an address over AUTH_FAILURE_LIMIT failures is refused anything but the keys it was already using
+    (Guard.known), so guesses stop and its good traffic does not; the key's route groups (gateway.scopes); then
+    charge(): token budgets, concurrency and the rate limit. With consume=True (the default) charge() is done here;
+    consume=False only looks (the fast lane's first look, before it parses the body; it then checks the model and
+    calls charge() itself).
+
+    `facts`: what the shared windows said (gateway.shared, with REDIS_URL: judge() below), read in place of the
+    replica's own failed-key, recent-key, budget and rate windows; the replica's own are kept current too, for
+    when Redis is down."""
     if not settings.auth_enabled:
         return Admitted(ANONYMOUS, None)
     entry = identify(ring, header, now)
-    blocked = guard.failures.check(client, settings.auth_failure_limit, consume=False)
+    if not isinstance(entry, Refused) and (revoked(guard, entry) or (facts is not None and facts.revoked)):
+        entry = Refused(401, "this API key has been revoked", "revoked_api_key", "auth", key_id=entry.key_id)
+    blocked = facts.blocked if facts is not None else guard.failures.check(client, settings.auth_failure_limit,
+                                                                           consume=False)
     if isinstance(entry, Refused):
         if not blocked.allowed:
             return _too_many_failures(blocked)
         if consume:
             guard.failures.add(client)
         return entry
-    if not blocked.allowed and not guard.known(client, entry.key_id):
+    if not blocked.allowed and not (facts.known if facts is not None else guard.known(client, entry.key_id)):
         return _too_many_failures(blocked)
     refused = route_refusal(entry, path, settings.passthrough_routes)
     if refused is not None:
@@ -277,7 +291,38 @@ def verdict(
     looked = Admitted(entry.key_id, None, entry.rate_limit or settings.max_requests_per_minute, entry.admin, entry)
     if not consume:
         return looked  # only looked: charge() takes its place in the limits later
-    return charge(guard, looked, client)
+    return charge(guard, looked, client, facts)
+
+
+def revoked(guard: Guard, entry: KeyEntry) -> bool:
+    """Whether `entry`'s key was removed or rotated away on some replica (the copy of the shared revoked set)."""
+    return bool(guard.revoked) and revocation_tag(entry.digest) in guard.revoked
+
+
+async def judge(
+    ring: KeyRing, guard: Guard, shared: Shared, settings: Settings, header: str, client: str, path: str,
+    *, consume: bool = True, now: datetime | None = None,
+) -> Admitted | Refused:
+    """verdict() with the shared windows (REDIS_URL): one Redis round trip for the facts, then verdict() decides
+    with them. Only what verdict() needs beforehand and uses nothing up is worked out here (the key, its route
+    group, whether its max_concurrent has room, all per replica); with Redis down, verdict() alone. consume=False:
+    a refused key is not counted as a failure (the fast lane hands a refusal to aiohttp's lane, which counts it)."""
+    if not settings.auth_enabled:
+        return Admitted(ANONYMOUS, None)
+    entry = identify(ring, header, now)
+    if isinstance(entry, Refused) or revoked(guard, entry):
+        valid, digest_, key_id, route_ok, free, limit, per_minute, per_day = False, b"", "", False, False, 0, None, None
+    else:
+        valid, digest_, key_id = True, entry.digest, entry.key_id
+        route_ok = route_refusal(entry, path, settings.passthrough_routes) is None
+        free = entry.max_concurrent is None or guard.in_flight.get(key_id, 0) < entry.max_concurrent
+        limit = entry.rate_limit or settings.max_requests_per_minute
+        per_minute, per_day = entry.tokens_per_minute, entry.tokens_per_day
+    facts = await shared.judge(valid, digest_, key_id, client, route_ok, free, limit, per_minute, per_day, consume)
+    # a key that is let in is charged whatever `consume` says (the script took its place in the rate window)
+    refusing = not valid or (facts is not None and facts.revoked)
+    return verdict(ring, guard, settings, header, client, path, consume=consume or not refusing, now=now,
+                   facts=facts)
 
 
 def _too_many_failures(blocked: Decision) -> Refused:
@@ -285,16 +330,19 @@ def _too_many_failures(blocked: Decision) -> Refused:
                    "auth", {"Retry-After": str(blocked.retry_after)})
 
 
-def charge(guard: Guard, looked: Admitted, client: str) -> Admitted | Refused:
+def charge(guard: Guard, looked: Admitted, client: str, facts: Facts | None = None) -> Admitted | Refused:
     """The last step of verdict(): the key's token budgets and `max_concurrent` (each a 429 with Retry-After when
     spent), then a place in its rate limit (the 429 `rate_limit_exceeded` when there is none). Nothing is used up
     unless all pass; then the request holds a place in `max_concurrent` until it is recorded, and `client` is
-    remembered as an address this key uses."""
+    remembered as an address this key uses. With `facts` (gateway.shared), the budgets' wait and the rate decision
+    are the shared windows' (which took the place in the rate window already); the replica's own rate window
+    counts the request too, for when Redis is down."""
     entry = looked.entry
     assert entry is not None and looked.limit is not None
     key_id = entry.key_id
     if entry.budgeted:
-        wait = guard.budget_wait(key_id, entry.tokens_per_minute, entry.tokens_per_day)
+        wait = facts.budget if facts is not None else guard.budget_wait(key_id, entry.tokens_per_minute,
+                                                                         entry.tokens_per_day)
         if wait is not None:
             seconds, budget = wait
             return Refused(429, f"the token budget of {budget} of this API key is spent; retry in "
@@ -304,7 +352,12 @@ def charge(guard: Guard, looked: Admitted, client: str) -> Admitted | Refused:
         return Refused(429, f"this API key already has {entry.max_concurrent} requests in flight "
                             f"(max_concurrent); retry when one is done", "too_many_concurrent_requests", "budget",
                        {"Retry-After": "1"}, key_id)
-    decision = guard.limiter.check(key_id, looked.limit)
+    if facts is not None and facts.rate is not None:
+        decision = facts.rate
+        if decision.allowed:
+            guard.limiter.add(key_id)
+    else:
+        decision = guard.limiter.check(key_id, looked.limit)
     if not decision.allowed:
         return Refused(429, f"rate limit of {looked.limit} requests per minute exceeded", "rate_limit_exceeded",
                        "rate", key_id=key_id, decision=decision)

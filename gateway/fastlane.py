@@ -15,7 +15,8 @@ is the common case, which is decided before anything is done for it:
 5. its body passes lifecycle.request_rules (strict JSON, capped fields), the same functions aiohttp's lane calls,
    and its model is one the key may use (gateway.scopes);
 6. its token budgets, max_concurrent and rate limit let it through (gateway.auth.charge: the last check, the
-   only one that uses anything up).
+   only one that uses anything up; with REDIS_URL, gateway.auth.judge on the shared windows, awaited: a refusal
+   then goes to aiohttp after the round trip, with the bytes that came meanwhile).
 Anything else hands the connection, with every byte of that request, to aiohttp's server, which runs the whole gate
 (gateway.app) and keeps the connection from then on. So refusals, preflights, probes and odd framing have one
 implementation, aiohttp's; a handed-over request is checked again from scratch, and nothing was counted for it.
@@ -43,14 +44,14 @@ import httptools
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
-from gateway.auth import Admitted, charge, credential, verdict
+from gateway.auth import Admitted, charge, credential, judge, verdict
 from gateway.connections import GatewayServer, WriteStall
 from gateway.errors import CLIENT_CLOSED, INTERNAL_ERROR, error_body
 from gateway.limits import body_too_large, header_problem
 from gateway.pipeline import SSE_HEADERS, Exchange
 from gateway.routes import GET_ROUTES, JSON_ROUTES
 from gateway.scopes import model_refusal
-from gateway.state import BACKEND, CONNECTIONS, DRAIN, GUARD, KEYS, LIMITS, PIPELINE, REQUEST_IDS, SETTINGS
+from gateway.state import BACKEND, CONNECTIONS, DRAIN, GUARD, KEYS, LIMITS, PIPELINE, REQUEST_IDS, SETTINGS, SHARED
 from lifecycle.request_rules import RequestRejected, admit_body
 
 log = logging.getLogger("gateway.fastlane")
@@ -74,6 +75,17 @@ class Candidate(NamedTuple):
     authorization: str  # the header's value ("" when absent)
     request_id: str | None  # the X-Request-ID header's value
     body: bytes | None  # None for GET
+
+
+class _Taken(NamedTuple):
+    """A request past every check but the one that uses anything up (its key's limits): what its Exchange needs."""
+
+    started: float
+    candidate: Candidate
+    body: bytes | None
+    stream: bool
+    slots: int
+    model: str | None
 
 
 class LaneLimits(NamedTuple):
@@ -157,7 +169,7 @@ class FastLane:
         self.settings = settings = app[SETTINGS]
         self.backend, self.drain, self.pipeline = app[BACKEND], app[DRAIN], app[PIPELINE]
         self.stats = self.pipeline.stats
-        self.keys, self.guard = app[KEYS], app[GUARD]
+        self.keys, self.guard, self.shared = app[KEYS], app[GUARD], app.get(SHARED)
         self.request_ids, self.body_limits, self.open = app[REQUEST_IDS], app[LIMITS], app[CONNECTIONS]
         self.limits = LaneLimits({path.encode(): path for path in JSON_ROUTES},
                                  {path.encode(): path for path in GET_ROUTES}, settings.max_headers,
@@ -323,8 +335,10 @@ class FastConnection(asyncio.Protocol):
             ex = None
         if ex is None:
             self._hand_over(whole)
-            return
-        self.task = self.lane.loop.create_task(self._answer(ex))
+        elif isinstance(ex, _Taken):
+            self.task = self.lane.loop.create_task(self._judged(ex, whole))
+        else:
+            self.task = self.lane.loop.create_task(self._answer(ex))
 
     def _whole(self, data: bytes) -> bytes:
         """Every byte of the request since it began (`data` the last piece); no longer waiting for pieces."""
@@ -362,7 +376,7 @@ class FastConnection(asyncio.Protocol):
             self._pieces_timer.cancel()
             self._pieces_timer = None
 
-    def _admit(self, started: float) -> Exchange | None:
+    def _admit(self, started: float) -> Exchange | _Taken | None:
         """The exchange when the fast lane takes the request, else None (hand it over). Nothing is used up unless
         it returns one.
 
@@ -390,11 +404,32 @@ class FastConnection(asyncio.Protocol):
             key = looked.entry
             if key is not None and key.models and model_refusal(key, lane.pipeline.names(model)) is not None:
                 return None  # aiohttp's lane gives the 403
+        taken = _Taken(started, candidate, body, stream, slots, model)
+        if looked.entry is not None and lane.shared is not None:
+            return taken  # the shared windows' judge (gateway.auth.judge) is awaited by _judged()
         admitted = looked if looked.entry is None else charge(lane.guard, looked, self.client)
         if not isinstance(admitted, Admitted):
             return None
-        return Exchange(started, candidate.method, candidate.path, lane.request_ids(candidate.request_id),
-                        admitted.key_id, admitted.decision, body, stream, slots, model=model, caller=admitted)
+        return self._exchange(taken, admitted)
+
+    def _exchange(self, taken: _Taken, admitted: Admitted) -> Exchange:
+        c = taken.candidate
+        return Exchange(taken.started, c.method, c.path, self.lane.request_ids(c.request_id), admitted.key_id,
+                        admitted.decision, taken.body, taken.stream, taken.slots, model=taken.model, caller=admitted)
+
+    async def _judged(self, taken: _Taken, whole: bytes) -> None:
+        """REDIS_URL: the key's limits on the shared windows (one round trip), then the answer; a refusal is handed
+        to aiohttp's lane, with everything that came meanwhile, as any other refusal (it judges again, and gives
+        it). Nothing was counted against the caller for it: judge(consume=False)."""
+        lane = self.lane
+        admitted = await judge(lane.keys.ring, lane.guard, lane.shared, lane.settings,  # type: ignore[arg-type]
+                               taken.candidate.authorization, self.client, taken.candidate.path, consume=False)
+        if isinstance(admitted, Admitted):
+            await self._answer(self._exchange(taken, admitted))
+            return
+        self.task = None
+        held, self.pending, self.pending_size = b"".join(self.pending), [], 0
+        self._hand_over(whole + held)
 
     def _hand_over(self, data: bytes) -> None:
         """From now on aiohttp's server owns this connection; `data` is everything since the request began."""

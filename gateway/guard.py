@@ -7,7 +7,9 @@
 - `failures`: failed keys per client address, and `good`: the keys each address used successfully lately, so an
   address over its failure limit is refused new guesses while the keys it was already using go on working.
 
-One per gateway process (Redis-backed sharing between replicas is a later step); owned by the app.
+One per gateway process, owned by the app. With REDIS_URL the windows are shared by every replica
+(gateway.shared); these are kept current as well and are the ones used while Redis is down, and `revoked` is this
+replica's copy of the shared revoked set (keys removed or rotated away on any replica).
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ class Guard:
         self.day_tokens = TokenWindow(86400.0, 60.0, clock)
         self.in_flight: dict[str, int] = {}
         self.good: dict[str, dict[str, float]] = {}  # address -> key id -> when it last got in
+        self.revoked: frozenset[str] = frozenset()  # gateway.shared.revocation_tag of each revoked key
+        self.spent: Callable[[str, int], None] | None = None  # also told of spent tokens (gateway.shared)
 
     # --- keys an address was using ---------------------------------------------------------------------------
 
@@ -134,6 +138,8 @@ class Guard:
     def spend(self, key_id: str, tokens: int) -> None:
         self.minute_tokens.add(key_id, tokens)
         self.day_tokens.add(key_id, tokens)
+        if self.spent is not None:
+            self.spent(key_id, tokens)
 
     # --- concurrency -------------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from gateway.auth import caller_key, credential
 from gateway.drain import Drain
 from gateway.requestid import HEADER as REQUEST_ID_HEADER
 from gateway.requestid import RequestIds
-from gateway.state import ADMISSION, BACKEND, DRAIN, KEYS, SETTINGS
+from gateway.state import ADMISSION, BACKEND, DRAIN, KEYS, SETTINGS, SHARED
 from lifecycle.backend import Backend
 from lifecycle.upstream import UpstreamError
 
@@ -47,6 +47,11 @@ async def health(request: web.Request) -> web.Response:
         # what llama-server was asked and chose for GPU layers and context (lifecycle.offload.summary)
         "offload": backend.offload,
     }
+    shared = request.app.get(SHARED)
+    if shared is not None:  # REDIS_URL: whether the limits are shared right now (still 200 when not)
+        body["shared_limits"] = {"redis": "up" if shared.up else "unreachable",
+                                 "limits": "shared" if shared.up else "this replica only",
+                                 "fallbacks": shared.fallbacks}
     if backend.models is not None and backend.router is not None:
         body["models"] = await model_states(backend, admission)
     if backend.last_error and not backend.ready:

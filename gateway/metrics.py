@@ -172,7 +172,17 @@ class _Series(Collector):
         speed = _histogram_family("gateway_generation_tokens_per_second",
                                   "Generation speed of each completed request (completion tokens / generation time)",
                                   None, {(): m.speed})
-        return [requests, duration, ttft, queue_wait, rejected, prompt, completion, cached, speed]
+        families = [requests, duration, ttft, queue_wait, rejected, prompt, completion, cached, speed]
+        if m.shared_source is not None:  # REDIS_URL: whether the limits are shared right now
+            up, fallbacks = m.shared_source()
+            gauge = GaugeMetricFamily("gateway_shared_limits_up", "1 while the limits are shared through Redis "
+                                      "(REDIS_URL), 0 while this replica counts alone because Redis is unreachable")
+            gauge.add_metric((), 1 if up else 0)
+            counter = CounterMetricFamily("gateway_shared_limits_fallbacks", "Requests judged by this replica's own "
+                                          "limits because Redis was unreachable")
+            counter.add_metric((), fallbacks)
+            families += [gauge, counter]
+        return families
 
 
 def _histogram_family(
@@ -218,6 +228,7 @@ class Metrics:
         self.ttft: dict[tuple[str, str], _Histogram] = {}  # by (route, model): a child per model that streamed
         self.queue_wait = _Histogram(QUEUE_WAIT_BUCKETS)
         self.speed = _Histogram(TOKENS_PER_SECOND_BUCKETS)
+        self.shared_source: Callable[[], tuple[bool, int]] | None = None  # (up, fallbacks): gateway.shared
         started = clock()
         r = registry
         r.register(_Series(self))

@@ -17,6 +17,7 @@ from gateway.metrics import Metrics
 from gateway.observe import Observer
 from gateway.pipeline import Exchange, Pipeline
 from gateway.requestid import RequestIds
+from gateway.shared import Shared
 from gateway.stats import Stats
 from lifecycle.backend import Backend
 from lifecycle.request_rules import Limits
@@ -29,6 +30,7 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 STATS = web.AppKey("stats", Stats)
 KEYS = web.AppKey("keys", KeyStore)
 CORS = web.AppKey("cors", Cors)
+SHARED = web.AppKey("shared", Shared)  # with REDIS_URL: the windows every replica shares (gateway.shared)
 GUARD = web.AppKey("guard", Guard)  # rate limits, token budgets, concurrency, failed keys (gateway.guard)
 ADMISSION = web.AppKey("admission", Admissions)
 DRAIN = web.AppKey("drain", Drain)

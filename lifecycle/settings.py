@@ -190,6 +190,15 @@ def check_models(refs: tuple[str, ...]) -> None:
             _check_ref("MODELS", ref, parse_reference)
 
 
+def check_redis_url(url: str) -> None:
+    """REDIS_URL: a URL redis-py can connect to (the password, if any, stays in the URL: never logged)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("redis", "rediss", "unix") or not rest.strip("/"):
+        shown = _URL_SECRETS.sub(lambda m: m[1] + m[2] + ("?..." if m[3] else ""), url)
+        raise SettingsError(f"REDIS_URL={shown!r} is not a Redis URL: use redis://host:6379/0, "
+                            "rediss://host:6380/0 (TLS) or unix:///path/to/redis.sock")
+
+
 def check_passthrough_routes(routes: Iterable[str]) -> None:
     for route in routes:
         try:
@@ -452,6 +461,14 @@ VARIABLES: tuple[Var, ...] = (
         doc="Failed keys from one address within `AUTH_FAILURE_WINDOW` before it gets 429."),
     Var("AUTH_FAILURE_WINDOW", "gateway", "float", 60.0, minimum=1.0, new=True,
         doc="Seconds that failed keys are remembered per address."),
+    Var("REDIS_URL", "gateway", "str", check=check_redis_url, new=True,
+        doc="Share rate limits, token budgets, failed-key throttling and key revocations between replicas through "
+            "this Redis (`redis://[:password@]host:6379/0`, `rediss://` for TLS, `unix://`); unset: each replica "
+            "keeps its own. If Redis cannot be reached, each replica falls back to its own limits, with a warning, "
+            "a metric and `/health` saying so, and picks Redis up again by itself; see [SCALING.md](SCALING.md)."),
+    Var("REDIS_TIMEOUT", "gateway", "float", 0.1, minimum=0.001, new=True,
+        doc="Seconds a request waits for Redis (one round trip) before it is judged by the replica's own limits "
+            "and Redis counts as down."),
     Var("PASSTHROUGH_ROUTES", "gateway", "list", (), check=check_passthrough_routes, new=True,
         doc="Read-only llama-server routes to open through the gateway, for GET only (e.g. `/props,/slots`); "
             "closed by default. Only the safe list may be opened: `/props`, `/slots`, `/lora-adapters`. Anything "
@@ -644,6 +661,8 @@ class Settings:
     metrics_auth_enabled: bool = setting("METRICS_AUTH_ENABLED")
     auth_failure_limit: int = setting("AUTH_FAILURE_LIMIT")
     auth_failure_window: float = setting("AUTH_FAILURE_WINDOW")
+    redis_url: str | None = setting("REDIS_URL")
+    redis_timeout: float = setting("REDIS_TIMEOUT")
     passthrough_routes: tuple[str, ...] = setting("PASSTHROUGH_ROUTES")
     client_timeout: float = setting("CLIENT_TIMEOUT")
     fast_lane: bool = setting("FAST_LANE")
