@@ -205,6 +205,7 @@ class Shared:
         self._pending: dict[str, int] = {}  # key id -> tokens not yet sent
         self._changes: dict[str, bool] = {}  # tag -> revoked (True) or allowed again (False), not yet sent
         self._version: bytes | None = None
+        self._known: frozenset[str] = frozenset()  # the revoked set last handed to on_revoked
         self._wake = asyncio.Event()
 
     # --- the request path ----------------------------------------------------------------------------------
@@ -345,6 +346,13 @@ class Shared:
             version = await self._call(lambda: self.redis.get(REVOKED_VERSION))
             if version == self._version and self._version is not None:
                 return
+            if version is None and self._known:
+                # Redis lost its data (restarted without persistence, or flushed): what this replica knew is
+                # revoked is sent back, so that no revocation is lost (changes of its own not yet sent win)
+                for tag in self._known:
+                    self._changes.setdefault(tag, True)
+                await self._send_changes()
+                version = await self._call(lambda: self.redis.get(REVOKED_VERSION))
             tags = await self._call(lambda: self.redis.zrange(REVOKED, 0, -1))
         except Exception as exc:
             self._went_down(exc)
@@ -356,7 +364,8 @@ class Shared:
                 current.add(tag)
             else:
                 current.discard(tag)
-        self.on_revoked(frozenset(current))
+        self._known = frozenset(current)
+        self.on_revoked(self._known)
 
     def _went_down(self, exc: BaseException) -> None:
         self.errors += 1

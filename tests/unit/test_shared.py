@@ -164,6 +164,30 @@ def test_a_revoked_key_is_refused_by_every_replica_and_allowed_again(tmp_path: P
     assert out[3][0] == "in"
 
 
+def test_revocations_outlive_a_redis_that_lost_its_data(tmp_path: Path, redis_server: RedisServer) -> None:
+    """Redis restarted without persistence (the manifests' Redis) or flushed: each replica sends back the revoked
+    set it knew, so a removed key stays refused on the replicas whose file still has it."""
+    ring, guard_b, settings = world(tmp_path)
+    entry = next(e for e in ring.entries if e.key_id == "other")
+
+    async def run() -> tuple[object, ...]:
+        a, b = shared_for(settings, redis_server.url), shared_for(settings, redis_server.url)
+        b.on_revoked = lambda tags: setattr(guard_b, "revoked", tags)
+        a.keys_changed([entry.digest], [])
+        await a._send_changes()
+        await b._sync()
+        await b.redis.flushall()
+        await b._sync()  # B finds the set gone and sends back what it knew
+        assert await b.redis.zrange(REVOKED, 0, -1) == [revocation_tag(entry.digest).encode()]
+        await a._sync()
+        result = outcome(await judge(ring, guard_b, b, settings, header("other"), "10.4.4.4", CHAT))
+        await a.close()
+        await b.close()
+        return result
+
+    assert asyncio.run(run())[1:3] == (401, "revoked_api_key")
+
+
 def test_a_redis_that_is_gone_is_a_fallback_at_once_and_comes_back(tmp_path: Path) -> None:
     ring, guard, settings = world(tmp_path)
     server = RedisServer(tmp_path / "redis")
