@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -41,6 +42,17 @@ BASE_CMAKE_ARGS = (
     # Static llama/ggml: the installed binary needs no libraries of ours next to it.
     "-DBUILD_SHARED_LIBS=OFF",
 )
+# x86-64: no AMX code, even where -march=native (the default GGML_NATIVE=ON) would compile it in. On Sapphire
+# Rapids VMs the pinned llama.cpp's AMX matrix multiply crashed llama-server (SIGSEGV in ggml_backend_amx_mul_mat)
+# while it loaded the default model; AVX-512 and AVX2 still do the work. GCC and clang let an explicit -mno-*
+# win over -march, wherever it comes in the command line.
+X86_CMAKE_ARGS = (
+    "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+    "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+)
+# The build recipe's revision: bumped whenever the arguments above change, so the cache gets a new entry rather
+# than a binary built the old way.
+BUILD_REVISION = "r2"
 
 Progress = Callable[[str], None]
 
@@ -52,8 +64,14 @@ def _stderr(line: str) -> None:
 def cache_version(cmake_args: str) -> str:
     """One cache entry per source version and CMAKE_ARGS, so a CUDA build never masquerades as a CPU one."""
     if not cmake_args.strip():
-        return SOURCE_VERSION
-    return f"{SOURCE_VERSION}-{hashlib.sha256(cmake_args.strip().encode()).hexdigest()[:10]}"
+        return f"{SOURCE_VERSION}-{BUILD_REVISION}"
+    return f"{SOURCE_VERSION}-{BUILD_REVISION}-{hashlib.sha256(cmake_args.strip().encode()).hexdigest()[:10]}"
+
+
+def base_cmake_args(machine: str | None = None) -> tuple[str, ...]:
+    """What every build is configured with, before CMAKE_ARGS (which can override any of it)."""
+    machine = (machine or platform.machine()).lower()
+    return BASE_CMAKE_ARGS + (X86_CMAKE_ARGS if machine in ("x86_64", "amd64") else ())
 
 
 def cached_binary(cache_dir: Path, cmake_args: str) -> Path:
@@ -186,7 +204,7 @@ def build_llama_server(cache_dir: Path, env: Mapping[str, str], progress: Progre
         jobs = str(os.cpu_count() or 2)
         progress(f"building llama-server from llama-cpp-python {SOURCE_VERSION}'s llama.cpp "
                  f"(about 6 minutes on 2 cores); log: {log}")
-        configure = [cmake, "-S", str(tree), "-B", str(build), *BASE_CMAKE_ARGS, *shlex.split(cmake_args)]
+        configure = [cmake, "-S", str(tree), "-B", str(build), *base_cmake_args(), *shlex.split(cmake_args)]
         _run_logged(configure, log, progress, lambda line: line.startswith("CMake Error"))
         compile_cmd = [cmake, "--build", str(build), "--target", "llama-server", "-j", jobs]
         _run_logged(compile_cmd, log, progress, lambda line: line.startswith("["))

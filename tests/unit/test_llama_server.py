@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lifecycle.downloads import ProvisionError
-from lifecycle.llama_server import cache_version, cached_binary, check_build_tools, find_llama_server
+from lifecycle.llama_server import base_cmake_args, cache_version, cached_binary, check_build_tools, find_llama_server
 
 
 def exe(path: Path) -> Path:
@@ -37,9 +37,9 @@ def test_explicit_binary_must_exist(tmp_path: Path) -> None:
 
 
 def test_cmake_args_get_their_own_cache_entry(tmp_path: Path) -> None:
-    assert cache_version("") == "0.3.36"
+    assert cache_version("") == "0.3.36-r2"
     cuda = cache_version("-DGGML_CUDA=ON")
-    assert cuda.startswith("0.3.36-") and cuda != cache_version("-DGGML_VULKAN=ON")
+    assert cuda.startswith("0.3.36-r2-") and cuda != cache_version("-DGGML_VULKAN=ON")
     assert find_llama_server(None, tmp_path, {"PATH": "", "CMAKE_ARGS": "-DGGML_CUDA=ON"}, tmp_path / "x") is None
 
 
@@ -55,3 +55,11 @@ def test_missing_build_tools_say_what_to_install(tmp_path: Path, monkeypatch: py
 
 def test_real_tools_are_found() -> None:
     assert check_build_tools(os.environ)
+
+
+def test_x86_builds_leave_amx_out() -> None:
+    """AMX crashed the pinned llama-server on a Sapphire Rapids VM: x86-64 builds compile it out, others are as
+    configured."""
+    x86 = base_cmake_args("x86_64")
+    assert "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in x86
+    assert not any("amx" in arg for arg in base_cmake_args("aarch64"))
