@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -120,11 +121,27 @@ async def _request_id(request: web.Request, handler: Handler) -> web.StreamRespo
     return response
 
 
-def create_health_app(drain: Drain) -> web.Application:
+HEALTH_READY = web.AppKey("ready", Callable[[], bool])
+
+
+async def _ping(request: web.Request) -> web.Response:
+    """RunPod load-balancing endpoints' protocol: GET /ping on PORT_HEALTH is 204 while the worker initializes
+    (the model loads), 200 once it can answer, anything else unhealthy (503 while draining)."""
+    if request.app[HEALTH_DRAIN].draining:
+        return web.Response(status=503, text="draining")
+    if not request.app[HEALTH_READY]():
+        return web.Response(status=204)
+    return web.Response(text="OK")
+
+
+def create_health_app(drain: Drain, ready: Callable[[], bool] = lambda: True) -> web.Application:
     """PORT_HEALTH: 200 to GET and HEAD on any path, never touching the backend, up before the model loads;
-    503 from the moment a shutdown starts, so the platform stops sending traffic."""
+    503 from the moment a shutdown starts, so the platform stops sending traffic. `/ping` also says whether the
+    model is loaded (`ready`): 204 until it is (RunPod's load balancer sends a 204 worker no traffic)."""
     app = web.Application(middlewares=[_request_id])
     app[HEALTH_DRAIN] = drain
     app[HEALTH_IDS] = RequestIds()
+    app[HEALTH_READY] = ready
+    app.router.add_get("/ping", _ping)
     app.router.add_get("/{tail:.*}", _alive)
     return app

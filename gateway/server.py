@@ -132,7 +132,7 @@ async def serve(settings: Settings) -> int:
     listeners: list[_Listener] = []
     try:
         for one, port, fast, connections in (
-            (create_health_app(drain), settings.port_health, False,
+            (create_health_app(drain, lambda: backend.ready), settings.port_health, False,
              Connections(settings.max_connections, app[REQUEST_IDS])),
             (app, settings.port, settings.fast_lane, app[CONNECTIONS]),
         ):

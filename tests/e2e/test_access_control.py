@@ -86,6 +86,7 @@ def test_public_paths_need_no_key(secured) -> None:  # type: ignore[no-untyped-d
     for path in ("/ping", "/health", "/health?x", "/ping?verbose=1", "/metrics", "/metrics?format=json"):
         assert requests.get(gw.url + path, timeout=5).status_code == 200, path
     assert requests.get(f"http://127.0.0.1:{gw.port_health}/anything", timeout=5).status_code == 200
+    assert requests.get(f"http://127.0.0.1:{gw.port_health}/ping", timeout=5).status_code == 200  # model loaded
     assert requests.get(f"{gw.url}/v1/models?x=1", timeout=5).status_code == 401
 
 

@@ -94,6 +94,8 @@ def test_health_port_is_up_while_the_model_loads(make_gateway) -> None:  # type:
     assert health.status_code == 503
     assert health.json()["backend"] == "loading"
     assert requests.get(f"http://127.0.0.1:{gw.port_health}/", timeout=2).status_code == 200
+    # RunPod's load balancer: /ping on PORT_HEALTH is 204 ("initializing", no traffic) until the model is loaded
+    assert requests.get(f"http://127.0.0.1:{gw.port_health}/ping", timeout=2).status_code == 204
     chat = requests.post(f"{gw.url}/v1/chat/completions", json={"messages": []}, timeout=5)
     assert chat.status_code == 503
     assert chat.json()["error"]["code"] == "backend_unavailable"
