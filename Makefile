@@ -10,7 +10,7 @@ PORT ?= 8000
 # MODEL_NAME=x make serve finds ./data/models/x.
 DATA_DIR := $(or $(DATA_DIR),./data)
 
-.PHONY: setup llama-server model serve test test-image lint bench clean
+.PHONY: setup llama-server model serve test test-tools test-image lint bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (found " + sys.version.split()[0] + ")")'
@@ -41,7 +41,11 @@ serve: llama-server model
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-test: llama-server model
+# The system tools the suite runs for real: redis-server (REDIS_URL tests), kubectl (the manifests' kustomize).
+test-tools:
+	@bash tests/tools/ensure.sh
+
+test: test-tools llama-server model
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
