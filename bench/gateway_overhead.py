@@ -24,9 +24,16 @@ gets --exit-after).
 
 Needs wrk and nginx (Debian: apt-get install -y nginx wrk); run as root, the script installs them itself.
 
-    .venv/bin/python bench/gateway_overhead.py [--rounds 3] [--duration 3] [--profile] [--variant DIR]
+    .venv/bin/python bench/gateway_overhead.py [--rounds 3] [--duration 3] [--profile] [--variant DIR] [--redis]
 
---variant DIR adds a fourth target: the gateway run from DIR, a patched copy of gateway/ and lifecycle/, so a
+--redis adds the target `redis`: the current gateway with REDIS_URL set, its limits shared through a real
+redis-server (started here on loopback, no persistence; Debian's redis-server, installed when missing), and the
+ratio it is judged by, in the same rounds:
+
+  p50 and p99 added by Redis-backed limits over local ones (redis minus gateway), c=1 and c=32
+                                                       target <= 0.3 ms p50
+
+--variant DIR adds a target: the gateway run from DIR, a patched copy of gateway/ and lifecycle/, so a
 hot-path change is measured against the current code in the same rounds. --key-options '...' gives the current
 gateway's key those keys-file options (scopes, budgets: the variant, maybe older code, keeps the plain line).
 """
@@ -65,6 +72,7 @@ from harness import (
 BODY = '{"model":"any","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
 TARGET_ADDED_P50_MS = 0.3
 TARGET_RPS_VS_NGINX = 0.25
+TARGET_REDIS_ADDED_P50_MS = 0.3
 RESULT_MARK = "WRK_RESULT "
 
 # wrk calls done() once with the merged statistics of all threads; latencies are in microseconds.
@@ -261,6 +269,37 @@ def ratios_for(summary: dict[str, dict[str, dict[str, float]]], name: str) -> di
          if "nginx-default" in summary else {})
 
 
+def redis_ratios(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+    """What Redis-backed limits add over the same gateway's local ones."""
+    redis, local = summary["redis"], summary["gateway"]
+    return {f"added_{q}_ms_c{c}": redis[f"c{c}"][f"{q}_ms"] - local[f"c{c}"][f"{q}_ms"]
+            for c in (1, 32) for q in ("p50", "p99")} | {
+        "rps_over_local_c32": redis["c32"]["rps"] / local["c32"]["rps"]}
+
+
+def redis_markdown(r: dict[str, float]) -> str:
+    lines = ["| Redis-backed limits vs local (redis - gateway) | value | target | verdict |",
+             "| --- | ---: | ---: | --- |"]
+    for c in (1, 32):
+        added = r[f"added_p50_ms_c{c}"]
+        lines.append(f"| added p50, c={c} | {added:.3f} ms | <= {TARGET_REDIS_ADDED_P50_MS} ms | "
+                     f"{'met' if added <= TARGET_REDIS_ADDED_P50_MS else 'MISSED'} |")
+        lines.append(f"| added p99, c={c} | {r[f'added_p99_ms_c{c}']:.3f} ms | | |")
+    lines.append(f"| req/s redis / local, c=32 | {r['rps_over_local_c32']:.3f} | | |")
+    return "\n".join(lines)
+
+
+def redis_server_bin(install: bool) -> str:
+    found = shutil.which("redis-server")
+    if found is None and install and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "redis-server"], check=True,
+                       stdout=subprocess.DEVNULL)
+        found = shutil.which("redis-server")
+    if found is None:
+        raise SystemExit("--redis needs redis-server (Debian: apt-get install -y redis-server)")
+    return found
+
+
 def markdown(summary: dict[str, dict[str, dict[str, float]]], ratios: dict[str, dict[str, float]],
              levels: list[int]) -> str:
     lines = ["| target | concurrency | p50 (ms) | p99 (ms) | req/s | errors / non-2xx |",
@@ -306,11 +345,15 @@ def main() -> int:
     p.add_argument("--key-options", default="",
                    help="keys-file options for the 'gateway' target's key only (the variant gets the plain line), "
                         "e.g. 'models=fake*,other-* tokens_per_minute=1000000000 max_concurrent=1000'")
+    p.add_argument("--redis", action="store_true",
+                   help="adds a 'redis' target: this gateway with REDIS_URL (a redis-server started here)")
     args = p.parse_args()
     require_project_venv()
     ensure_tools(not args.no_install)
+    redis_bin = redis_server_bin(not args.no_install) if args.redis else None
     levels = [1, 32]
-    roots = {"gateway": ROOT} | ({"variant": args.variant.resolve()} if args.variant else {})
+    roots = ({"gateway": ROOT} | ({"variant": args.variant.resolve()} if args.variant else {})
+             | ({"redis": ROOT} if args.redis else {}))
     for name, root in roots.items():
         if not (root / "gateway" / "__main__.py").is_file():
             raise SystemExit(f"{name}: no gateway/__main__.py under {root}")
@@ -318,7 +361,9 @@ def main() -> int:
     base = args.port_base
     direct_port, nginx_port, nginx_default_port = base + 1, base + 2, base + 9
     gw_ports = {name: (base + 3 + 3 * i, base + 4 + 3 * i, base + 5 + 3 * i) for i, name in enumerate(roots)}
-    ensure_free(direct_port, nginx_port, nginx_default_port, *(port for ports in gw_ports.values() for port in ports))
+    redis_port = base + 30
+    ensure_free(direct_port, nginx_port, nginx_default_port, *(port for ports in gw_ports.values() for port in ports),
+                *([redis_port] if args.redis else []))
     n_targets = 3 + len(roots)
     runs = args.rounds * len(levels) * n_targets + n_targets + (1 if args.profile else 0)
     budget = runs * (args.duration + 2) + 120  # every server stops by itself after this, whatever happens
@@ -349,7 +394,7 @@ def main() -> int:
             "PARALLEL": "32", "MAX_CONCURRENT_REQUESTS": "32", "MAX_QUEUE_SIZE": "64",
             "MAX_REQUESTS_PER_MINUTE": "1000000000",
             "PYTHONPATH": str(roots[name]),  # the variant's packages shadow the editable install
-        })
+        } | ({"REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"} if name == "redis" else {}))
 
     nginx_conf = tmp / "nginx.conf"
     nginx_conf.write_text(NGINX_CONF % {"tmp": tmp, "upstream": direct_port, "port": nginx_port,
@@ -374,6 +419,11 @@ def main() -> int:
             nginx_cmd = [nginx_bin() or "nginx", "-p", str(tmp), "-c", str(nginx_conf)]
             nginx = procs.start("nginx", nginx_cmd, env=env, limit=budget)
             wait_port(nginx_port, nginx, 15)
+            if redis_bin is not None:
+                redis = procs.start("redis-server", [redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1",
+                                                     "--save", "", "--appendonly", "no", "--dir", str(tmp)],
+                                    env=env, limit=budget)
+                wait_port(redis_port, redis, 15)
             gateways = {}
             for name, root in roots.items():
                 gateways[name] = procs.start(name, [sys.executable, "-m", "gateway"], env=gateway_env(name),
@@ -415,6 +465,9 @@ def main() -> int:
     summary = summarize(samples, [t.name for t in targets], levels)
     ratios = {name: ratios_for(summary, name) for name in [*roots, "nginx", "nginx-default"]}
     table = markdown(summary, ratios, levels)
+    shared = redis_ratios(summary) if args.redis else None
+    if shared is not None:
+        table += "\n\n" + redis_markdown(shared)
     result = {
         "benchmark": "gateway_overhead",
         "machine": info,
@@ -427,6 +480,9 @@ def main() -> int:
                    "rps_vs_nginx_c32": r["rps_over_nginx_c32"] >= TARGET_RPS_VS_NGINX}
             for name, r in ratios.items() if not name.startswith("nginx")
         },
+        "redis": None if shared is None else {
+            "ratios": shared, "target_met_added_p50": all(shared[f"added_p50_ms_c{c}"] <= TARGET_REDIS_ADDED_P50_MS
+                                                          for c in (1, 32))},
         "samples": [asdict(s) for s in samples],
         "profile_top": [{"frame": f, "self_pct": round(a, 2), "incl_pct": round(b, 2)} for f, a, b in profile],
     }

@@ -3,7 +3,10 @@ revoked keys, so a key limited to 60 requests a minute gets 60 in all, and a key
 by all of them.
 
 One Redis round trip per request: the JUDGE script reads and updates every window a request needs, atomically, on
-Redis's own clock (so replicas whose clocks differ still share one window). Token spending is batched: each
+Redis's own clock (so replicas whose clocks differ still share one window). Requests that arrive together share
+their round trip: every request judged in one turn of the event loop goes out in one JUDGE call that judges them
+in order (auto-pipelining, as ioredis's enableAutoPipelining, one step further: one script call, not a pipeline
+of them), so 32 concurrent requests cost the event loop about what one call does. Token spending is batched: each
 replica sends what its answers spent at most every SPEND_INTERVAL, in one pipelined round trip, off the request path.
 
 The decisions stay gateway.auth.verdict's: the script supplies the facts (is the address blocked, did it use this key
@@ -23,13 +26,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import itertools
+import json
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
 
 from gateway.guard import GOOD_FOR, GOOD_REFRESH
 from gateway.ratelimit import Decision
@@ -45,18 +55,25 @@ PROBE_INTERVAL = 1.0  # seconds between tries to reach Redis while it is down
 SPEND_INTERVAL = 0.1  # seconds between batches of spent tokens
 MINUTE, DAY = (60, 1), (86400, 60)  # (window, bucket) in seconds: gateway.guard.Guard's TokenWindows
 
-# KEYS: 1 failures of the address (zset), 2 keys the address used (hash), 3 REVOKED, 4 the key's rate window (zset),
-#       5/6 its minute tokens (hash of buckets + "sum", list of bucket starts), 7/8 its day tokens
-# ARGV: 1 valid (the key is known and unexpired here), 2 its revocation tag, 3 key id, 4 route allowed,
-#       5 concurrency free, 6 requests per minute, 7 tokens per minute (0: none), 8 tokens per day (0: none),
-#       9 AUTH_FAILURE_LIMIT, 10 AUTH_FAILURE_WINDOW, 11 a unique member name, 12 count a failed key (0: only look),
-#       13 GOOD_FOR, 14 GOOD_REFRESH
-# Returns {blocked, blocked reset ms, known, revoked, budget wait ms (-1: none), budget (1 minute, 2 day),
-#          rate (-1 not looked, 0 refused, 1 allowed), remaining, rate reset ms}
+# One call judges a batch: every request judged in one turn of a replica's event loop, in order, atomically.
+# ARGV: 1 PREFIX, 2 the batch (a JSON array of requests), 3 AUTH_FAILURE_LIMIT, 4 AUTH_FAILURE_WINDOW, 5 GOOD_FOR,
+#       6 GOOD_REFRESH
+# A request: {1 valid (1: the key is known and unexpired here), 2 its revocation tag, 3 key id, 4 route allowed (1),
+#             5 concurrency free (1), 6 requests per minute, 7 tokens per minute (0: none), 8 tokens per day (0:
+#             none), 9 a unique member name, 10 count a failed key (1; 0: only look), 11 the caller's address}
+# Its keys, PREFIX + ...: fail:<address> (zset of failures), good:<address> (hash: key id -> last used),
+#       revoked (zset), rate:<key id> (zset), tok:m:<key id> and tok:d:<key id> (hash of buckets + "sum") with
+#       their lists of bucket starts (":b"). (Built here rather than passed: one argument for the whole batch is
+#       far cheaper to send; Redis Cluster, which needs keys declared, is not supported.)
+# Returns, per request, {blocked, blocked reset ms, known, revoked, budget wait ms (-1: none), budget (1 minute,
+#          2 day), rate (-1 not looked, 0 refused, 1 allowed), remaining, rate reset ms}
 JUDGE = """
+local P = ARGV[1]
+local batch = cjson.decode(ARGV[2])
+local flimit, fwindow = tonumber(ARGV[3]), tonumber(ARGV[4])
+local good_for, good_refresh = tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local flimit, fwindow = tonumber(ARGV[9]), tonumber(ARGV[10])
 
 local function window(key, limit, span)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - span)
@@ -87,49 +104,58 @@ local function tokens(h, l, span, bucket, budget)
   return span
 end
 
-local n, reset = window(KEYS[1], flimit, fwindow)
-local blocked = n >= flimit and 1 or 0
-local valid = ARGV[1] == '1'
-local revoked = 0
-if valid and redis.call('ZSCORE', KEYS[3], ARGV[2]) then revoked = 1 end
-local out = {blocked, math.ceil(reset * 1000), 0, revoked, -1, 0, -1, 0, 0}
-if not valid or revoked == 1 then
-  if blocked == 0 and ARGV[12] == '1' then
-    redis.call('ZADD', KEYS[1], now, ARGV[11])
-    redis.call('EXPIRE', KEYS[1], math.ceil(fwindow) + 1)
+local function judge(A)
+  local fail, good = P .. 'fail:' .. A[11], P .. 'good:' .. A[11]
+  local n, reset = window(fail, flimit, fwindow)
+  local blocked = n >= flimit and 1 or 0
+  local valid = A[1] == 1
+  local revoked = 0
+  if valid and redis.call('ZSCORE', P .. 'revoked', A[2]) then revoked = 1 end
+  local out = {blocked, math.ceil(reset * 1000), 0, revoked, -1, 0, -1, 0, 0}
+  if not valid or revoked == 1 then
+    if blocked == 0 and A[10] == 1 then
+      redis.call('ZADD', fail, now, A[9])
+      redis.call('EXPIRE', fail, math.ceil(fwindow) + 1)
+    end
+    return out
   end
-  return out
-end
-local at = tonumber(redis.call('HGET', KEYS[2], ARGV[3]) or '-1')
-local known = at >= 0 and now - at < tonumber(ARGV[13])
-if known then out[3] = 1 end
-if (blocked == 1 and not known) or ARGV[4] ~= '1' then return out end
-local budgets = {{ARGV[7], 5, 6, 60, 1, 1}, {ARGV[8], 7, 8, 86400, 60, 2}}
-for _, b in ipairs(budgets) do
-  local budget = tonumber(b[1])
-  if budget > 0 then
-    local wait = tokens(KEYS[b[2]], KEYS[b[3]], b[4], b[5], budget)
-    if wait >= 0 and math.ceil(wait * 1000) > out[5] then
-      out[5], out[6] = math.ceil(wait * 1000), b[6]
+  local key = A[3]
+  local at = tonumber(redis.call('HGET', good, key) or '-1')
+  local known = at >= 0 and now - at < good_for
+  if known then out[3] = 1 end
+  if (blocked == 1 and not known) or A[4] ~= 1 then return out end
+  local budgets = {{A[7], 'tok:m:', 60, 1, 1}, {A[8], 'tok:d:', 86400, 60, 2}}
+  for _, b in ipairs(budgets) do
+    local budget = b[1]
+    if budget > 0 then
+      local h = P .. b[2] .. key
+      local wait = tokens(h, h .. ':b', b[3], b[4], budget)
+      if wait >= 0 and math.ceil(wait * 1000) > out[5] then
+        out[5], out[6] = math.ceil(wait * 1000), b[5]
+      end
     end
   end
-end
-if out[5] >= 0 or ARGV[5] ~= '1' then return out end
-local limit = tonumber(ARGV[6])
-local hits, rate_reset = window(KEYS[4], limit, 60)
-if hits >= limit then
-  out[7], out[9] = 0, math.ceil(rate_reset * 1000)
+  if out[5] >= 0 or A[5] ~= 1 then return out end
+  local rate, limit = P .. 'rate:' .. key, A[6]
+  local hits, rate_reset = window(rate, limit, 60)
+  if hits >= limit then
+    out[7], out[9] = 0, math.ceil(rate_reset * 1000)
+    return out
+  end
+  redis.call('ZADD', rate, now, A[9])
+  redis.call('EXPIRE', rate, 61)
+  local first = redis.call('ZRANGE', rate, 0, 0, 'WITHSCORES')
+  out[7], out[8], out[9] = 1, limit - hits - 1, math.ceil((tonumber(first[2]) + 60 - now) * 1000)
+  if not known or now - at >= good_refresh then
+    redis.call('HSET', good, key, now)
+    redis.call('EXPIRE', good, math.ceil(good_for))
+  end
   return out
 end
-redis.call('ZADD', KEYS[4], now, ARGV[11])
-redis.call('EXPIRE', KEYS[4], 61)
-local first = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-out[7], out[8], out[9] = 1, limit - hits - 1, math.ceil((tonumber(first[2]) + 60 - now) * 1000)
-if not known or now - at >= tonumber(ARGV[14]) then
-  redis.call('HSET', KEYS[2], ARGV[3], now)
-  redis.call('EXPIRE', KEYS[2], math.ceil(tonumber(ARGV[13])))
-end
-return out
+
+local replies = {}
+for i, A in ipairs(batch) do replies[i] = judge(A) end
+return replies
 """
 
 # KEYS: minute hash, minute list, day hash, day list; ARGV: tokens. Each window's bucket of now, as TokenWindow.add.
@@ -160,15 +186,18 @@ class Facts(NamedTuple):
     rate: Decision | None  # None: not looked at (an earlier check refuses)
 
 
+def _expire(batch: list[tuple[list[object], asyncio.Future[list[int]]]]) -> None:
+    """REDIS_TIMEOUT is up: the requests of `batch` still waiting give up (and Redis counts as down)."""
+    for _, reply in batch:
+        if not reply.done():
+            reply.set_exception(TimeoutError("no answer from Redis within REDIS_TIMEOUT"))
+
+
+@functools.lru_cache(maxsize=4096)
 def revocation_tag(digest: bytes) -> str:
     """The name a key's revocation goes by in Redis: a hash of the keys file's digest, so Redis never holds what
     the file holds."""
     return hashlib.sha256(b"llama-gguf-inference revoked\0" + digest).hexdigest()[:40]
-
-
-def _keys(address: str, key_id: str) -> list[str]:
-    return [f"{PREFIX}fail:{address}", f"{PREFIX}good:{address}", REVOKED, f"{PREFIX}rate:{key_id}",
-            *_token_keys(key_id)]
 
 
 def _token_keys(key_id: str) -> list[str]:
@@ -185,9 +214,6 @@ class Shared:
 
     def __init__(self, url: str, timeout: float, failure_limit: int, failure_window: float,
                  on_revoked: Callable[[frozenset[str]], None] = lambda tags: None) -> None:
-        import redis.asyncio as aioredis  # only with REDIS_URL
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
 
         # no retries: a call that fails falls back at once, and the probe finds Redis again
         self.redis = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
@@ -198,7 +224,8 @@ class Shared:
         self.up = True  # until a call fails; start() finds out at once
         self.fallbacks = 0  # requests judged by this replica alone while Redis was down
         self.errors = 0
-        self._judge = self.redis.register_script(JUDGE)
+        self._judge_sha = hashlib.sha1(JUDGE.encode()).hexdigest()
+        self._batch: list[tuple[list[object], asyncio.Future[list[int]]]] = []
         self._spend = self.redis.register_script(SPEND)
         self._nonce = itertools.count()
         self._replica = os.urandom(6).hex()
@@ -207,6 +234,8 @@ class Shared:
         self._version: bytes | None = None
         self._known: frozenset[str] = frozenset()  # the revoked set last handed to on_revoked
         self._wake = asyncio.Event()
+        self._sending: asyncio.Task[None] | None = None  # the JUDGE call on its way
+        self._batch_timer: asyncio.TimerHandle | None = None  # REDIS_TIMEOUT for the requests of self._batch
 
     # --- the request path ----------------------------------------------------------------------------------
 
@@ -217,12 +246,17 @@ class Shared:
         if not self.up:
             self.fallbacks += 1
             return None
-        args = (int(valid), revocation_tag(digest) if valid else "", key_id, int(route_ok), int(free), limit,
-                per_minute or 0, per_day or 0, self.failure_limit, self.failure_window,
-                f"{self._replica}:{next(self._nonce)}", int(count_failure), GOOD_FOR, GOOD_REFRESH)
+        item = [int(valid), revocation_tag(digest) if valid else "", key_id, int(route_ok), int(free), limit,
+                per_minute or 0, per_day or 0, f"{self._replica}:{next(self._nonce)}", int(count_failure), address]
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[list[int]] = loop.create_future()
+        if not self._batch:  # a new batch: one timer for all its requests (cheaper than a timeout each)
+            self._batch_timer = loop.call_later(self.timeout, _expire, self._batch)
+            if self._sending is None:  # else it goes when the call on its way is answered
+                loop.call_soon(self._send_batch)  # once this turn of the loop is over
+        self._batch.append((item, reply))
         try:
-            async with asyncio.timeout(self.timeout):
-                out = await self._judge(keys=_keys(address, key_id), args=args)
+            out = await reply  # within REDIS_TIMEOUT: the batch's timer fails it after that
         except Exception as exc:  # anything at all: a Redis that fails must not fail the request
             self._went_down(exc)
             self.fallbacks += 1
@@ -236,6 +270,44 @@ class Shared:
         decision = None if rate < 0 else Decision(bool(rate), limit, remaining, reset_ms / 1000)
         return Facts(Decision(not blocked, limit_fl, 0, blocked_ms / 1000), bool(known), bool(revoked),
                      facts_budget, decision)
+
+    def _send_batch(self) -> None:
+        """The batch's one JUDGE call. One call at a time: requests that come while one is on its way make the next
+        batch, sent as soon as it is answered (so batches grow with the load, and cost the loop less per request
+        the busier it is; alone, a request goes at once)."""
+        if self._sending is not None or not self._batch:
+            return
+        batch, timer, self._batch = self._batch, self._batch_timer, []
+        self._sending = asyncio.get_running_loop().create_task(self._judge_all(batch))
+        self._sending.add_done_callback(lambda _: self._sent(timer))
+
+    def _sent(self, timer: asyncio.TimerHandle | None) -> None:
+        if timer is not None:
+            timer.cancel()
+        self._sending = None
+        self._send_batch()
+
+    async def _judge_all(self, batch: list[tuple[list[object], asyncio.Future[list[int]]]]) -> None:
+        """One JUDGE call for the batch; each reply to its request. A Redis that does not know the script yet (a
+        new or restarted one) gets it loaded, then the batch again: one more round trip, once."""
+        args = (PREFIX, json.dumps([item for item, _ in batch], separators=(",", ":")), self.failure_limit,
+                self.failure_window, GOOD_FOR, GOOD_REFRESH)
+        replies: list[object]
+        try:
+            try:
+                replies = await self.redis.evalsha(self._judge_sha, 0, *args)
+            except NoScriptError:
+                await self.redis.script_load(JUDGE)
+                replies = await self.redis.evalsha(self._judge_sha, 0, *args)
+        except Exception as exc:
+            replies = [exc] * len(batch)
+        for (_, reply), out in zip(batch, replies, strict=True):
+            if reply.done():
+                continue  # its request gave up waiting (REDIS_TIMEOUT)
+            if isinstance(out, BaseException):
+                reply.set_exception(out)
+            else:
+                reply.set_result(out)  # type: ignore[arg-type]
 
     # --- queued for run() ----------------------------------------------------------------------------------
 
