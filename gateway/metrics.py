@@ -23,6 +23,8 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from gateway import loadmetrics
+from gateway.loadmetrics import ModelLoad
 from gateway.routes import API_ROUTES
 
 log = logging.getLogger("gateway.metrics")
@@ -100,6 +102,20 @@ class _BackendCollector(Collector):
             ready.add_metric([], float(state[1]))
             restarts.add_metric([], float(state[2]))
         return [up, ready, restarts]
+
+
+class _LoadCollector(Collector):
+    """The load balancers' gauges (gateway.loadmetrics), from the loads the last scrape read: a model that is gone,
+    or whose /slots failed, has no stale sample left behind."""
+
+    def __init__(self) -> None:
+        self.loads: Mapping[str, ModelLoad] = {}
+
+    def describe(self) -> list[Metric]:
+        return loadmetrics.families({})
+
+    def collect(self) -> list[Metric]:
+        return loadmetrics.families(self.loads)
 
 
 class _Histogram:
@@ -245,6 +261,8 @@ class Metrics:
         uptime.set_function(lambda: clock() - started)
         self._backend = _BackendCollector()
         r.register(self._backend)
+        self._load = _LoadCollector()
+        r.register(self._load)
 
     def route(self, path: str) -> str:
         """The route label of a request path: one of the known routes, or "other"."""
@@ -311,6 +329,10 @@ class Metrics:
                 self.model_state.labels(model, name).set(1 if state["status"] == name else 0)
             self.model_queue_depth.labels(model).set(state["depth"])  # type: ignore[arg-type]
             self.model_in_flight.labels(model).set(state["active"])  # type: ignore[arg-type]
+
+    def set_load(self, loads: Mapping[str, ModelLoad]) -> None:
+        """Each model's load, read by gateway.scrape for this scrape (replaced whole, never updated in place)."""
+        self._load.loads = dict(loads)
 
     def set_backend_source(self, source: BackendSource) -> None:
         """`source()` -> (up, ready, restarts), called at scrape time: lambda: (sup.up, sup.ready, sup.restarts)."""

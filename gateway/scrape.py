@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
 
 from gateway.health import model_states
+from gateway.loadmetrics import ModelLoad, kv_unified, read_slots, requests_deferred, slot_load
 from gateway.metrics import negotiate, relabel_backend_metrics
-from gateway.state import ADMISSION, BACKEND, METRICS, OBSERVER, STATS, UPSTREAM
+from gateway.state import ADMISSION, BACKEND, METRICS, OBSERVER, SETTINGS, STATS, UPSTREAM
 from lifecycle.upstream import UpstreamError
 
 log = logging.getLogger("gateway.scrape")
@@ -19,34 +22,77 @@ BACKEND_SCRAPE_TIMEOUT = 2.0
 
 async def metrics(request: web.Request) -> web.Response:
     """JSON by default (the seed's field names); Prometheus text or OpenMetrics when the Accept header (or
-    ?format=prometheus|openmetrics) asks, with llama-server's own llamacpp:* series on the same scrape."""
+    ?format=prometheus|openmetrics) asks, with llama-server's own llamacpp:* series on the same scrape, and each
+    model's load (gateway.loadmetrics) in both."""
     app = request.app
-    backend, metrics = app[BACKEND], app[METRICS]
+    backend, metrics, admission = app[BACKEND], app[METRICS], app[ADMISSION]
     app[OBSERVER].flush()  # every request answered so far is in what this scrape shows
     accept = request.headers.get("Accept")
     fmt = negotiate(accept, request.query.get("format"))
+    states = None
+    if backend.models is not None and backend.router is not None:
+        states = await model_states(backend, admission)
+        # (series label, the router's model): each loaded model's llama-server, through the router
+        targets: list[tuple[str, str | None]] = [(model, model) for model, state in states.items()
+                                                 if state["status"] == "loaded"]
+    else:
+        targets = [] if backend.model_id is None else [(backend.model_id, None)]
+    texts, slots = await _read_backends(request, [model for _, model in targets]) if backend.ready \
+        else ([""] * len(targets), [None] * len(targets))
+    loads = {label: _load(request, model, text, found)
+             for (label, model), text, found in zip(targets, texts, slots, strict=True)}
     if fmt == "json":
         data = app[STATS].snapshot()
-        data["queue_depth"] = app[ADMISSION].depth
+        data["queue_depth"] = admission.depth
         data["backend_ready"] = int(backend.ready)
         data["backend_restarts"] = backend.restarts
+        data["load"] = {label: load.to_json() for label, load in loads.items()}
         return web.json_response(metrics.json_snapshot(data))
-    # Both gauges are read off the admission gate at scrape time rather than kept up to date per request.
-    metrics.set_queue_depth(app[ADMISSION].depth)
-    metrics.set_in_flight(app[ADMISSION].active)
-    if backend.models is not None and backend.router is not None:
-        states = await model_states(backend, app[ADMISSION])
+    # The gauges are read off the admission gate and the backend at scrape time rather than kept up per request.
+    metrics.set_queue_depth(admission.depth)
+    metrics.set_in_flight(admission.active)
+    if states is not None:
         metrics.set_model_states(states)
-        loaded = [model for model, state in states.items() if state["status"] == "loaded"]
-        backend_text = await _router_metrics(request, loaded) if backend.ready else ""
-    else:
-        backend_text = await _backend_metrics(request) if backend.ready else ""
-    body, content_type = await asyncio.to_thread(metrics.render, accept, backend_text, fmt == "openmetrics")
+    metrics.set_load(loads)
+    backend_text, headers = [], True
+    for (_, model), text in zip(targets, texts, strict=True):
+        relabelled = relabel_backend_metrics(text, model, headers)
+        headers = headers and not relabelled  # HELP and TYPE once, with the first model that answered
+        backend_text.append(relabelled)
+    body, content_type = await asyncio.to_thread(metrics.render, accept, "".join(backend_text),
+                                                 fmt == "openmetrics")
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-async def _backend_metrics(request: web.Request, model: str | None = None, headers: bool = True) -> str:
-    # a model's own llama-server, through the router; autoload=false: a scrape never loads a model
+async def _read_backends(
+    request: web.Request, models: list[str | None]
+) -> tuple[list[str], list[list[Mapping[str, Any]] | None]]:
+    """Each target's /metrics text and /slots, all at once (each bounded by BACKEND_SCRAPE_TIMEOUT)."""
+    upstream = request.app[UPSTREAM]
+    texts, slots = await asyncio.gather(
+        asyncio.gather(*(_backend_metrics(request, model) for model in models)),
+        asyncio.gather(*(read_slots(upstream, model, BACKEND_SCRAPE_TIMEOUT) for model in models)))
+    return list(texts), list(slots)
+
+
+def _load(request: web.Request, model: str | None, text: str,
+          slots: list[Mapping[str, Any]] | None) -> ModelLoad:
+    """One model's load: its admission queue plus llama-server's deferred requests, and its slots."""
+    app = request.app
+    admissions, settings, backend = app[ADMISSION], app[SETTINGS], app[BACKEND]
+    queued = (admissions.depth if model is None else admissions.of(model).depth) + (requests_deferred(text) or 0)
+    if slots is None:
+        return ModelLoad(queued, None)
+    options: tuple[tuple[str, str], ...] = ()
+    served = None if model is None or backend.models is None else backend.models.get(model)
+    if served is not None and backend.models is not None:
+        options = (*backend.models.global_options, *served.options)
+    return ModelLoad(queued, slot_load(slots, kv_unified(settings.extra_args, options)))
+
+
+async def _backend_metrics(request: web.Request, model: str | None = None) -> str:
+    """llama-server's /metrics text as it answered ("" when it failed); a model's own, through the router."""
+    # autoload=false: a scrape never loads a model
     path = "/metrics" if model is None else f"/metrics?model={quote(model, safe='')}&autoload=false"
     try:
         reply = await request.app[UPSTREAM].request("GET", path, timeout=BACKEND_SCRAPE_TIMEOUT)
@@ -55,13 +101,7 @@ async def _backend_metrics(request: web.Request, model: str | None = None, heade
         return ""
     if reply.status != 200:
         return ""
-    return relabel_backend_metrics(reply.body.decode("utf-8", "replace"), model, headers)
-
-
-async def _router_metrics(request: web.Request, loaded: list[str]) -> str:
-    """Several models: each loaded model's llamacpp:* series, labelled with its id."""
-    texts = await asyncio.gather(*(_backend_metrics(request, model, i == 0) for i, model in enumerate(loaded)))
-    return "".join(texts)
+    return reply.body.decode("utf-8", "replace")
 
 
 def add_routes(app: web.Application) -> None:

@@ -132,6 +132,13 @@ def test_health_and_metrics_show_each_model(routed: Gateway) -> None:
     assert any(line.startswith("gateway_requests_total{") and 'model="beta"' in line for line in text.splitlines())
     # the loaded model's own llama-server series, labelled with its id
     assert any(line.startswith("llamacpp:") and 'model="beta"' in line for line in text.splitlines())
+    # the load balancers' gauges: the loaded model's slots, through the router's /slots?model=beta (none for alpha)
+    assert 'gateway_slots_total{model="beta"} 2.0' in text and 'gateway_running_requests{model="beta"} 0.0' in text
+    assert 'gateway_kv_cache_utilization{model="beta"} 0.0' in text
+    assert 'gateway_queued_requests{model="beta"} 0.0' in text and 'model="alpha"} ' not in \
+        "".join(line for line in text.splitlines() if line.startswith(("gateway_slots", "gateway_queued")))
+    load = requests.get(f"{routed.url}/metrics", headers=auth(), timeout=10).json()["load"]
+    assert list(load) == ["beta"] and load["beta"]["slots_total"] == 2 and load["beta"]["n_ctx"] == 2048
 
 
 def test_admin_actions_need_an_admin_key_and_are_logged(routed: Gateway) -> None:
