@@ -36,6 +36,11 @@ from lifecycle.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("gateway.loadmetrics")
 
+# The series' names: what KEDA, an HPA and the Inference Extension's endpoint picker are configured with
+# (deploy/kubernetes, docs/SCALING.md).
+QUEUED, KV_CACHE = "gateway_queued_requests", "gateway_kv_cache_utilization"
+RUNNING, SLOTS = "gateway_running_requests", "gateway_slots_total"
+SERIES = frozenset({QUEUED, KV_CACHE, RUNNING, SLOTS})
 PARSE_IN_THREAD = 256 << 10  # a /slots answer larger than this is parsed off the event loop (many slots)
 _TRUE = frozenset({"true", "1", "on", "enabled", "yes"})  # a preset's boolean, as llama-server reads it
 _UNIFIED_KEYS = frozenset({"kv-unified", "kvu"})
@@ -173,13 +178,13 @@ async def read_slots(upstream: Upstream, model: str | None, timeout: float) -> l
 
 def families(loads: Mapping[str, ModelLoad]) -> list[Metric]:
     """The four gauges, one sample per model; a model whose /slots failed has only gateway_queued_requests."""
-    queued = GaugeMetricFamily("gateway_queued_requests", "Requests waiting, per model: the gateway's admission "
+    queued = GaugeMetricFamily(QUEUED, "Requests waiting, per model: the gateway's admission "
                                "queue plus llama-server's deferred requests", labels=("model",))
-    kv = GaugeMetricFamily("gateway_kv_cache_utilization", "Share of the KV cache (0-1) held by the requests "
+    kv = GaugeMetricFamily(KV_CACHE, "Share of the KV cache (0-1) held by the requests "
                            "being processed, from llama-server's /slots", labels=("model",))
-    running = GaugeMetricFamily("gateway_running_requests", "llama-server slots processing a request, from /slots",
+    running = GaugeMetricFamily(RUNNING, "llama-server slots processing a request, from /slots",
                                 labels=("model",))
-    total = GaugeMetricFamily("gateway_slots_total", "llama-server's parallel slots, from /slots", labels=("model",))
+    total = GaugeMetricFamily(SLOTS, "llama-server's parallel slots, from /slots", labels=("model",))
     for model, load in loads.items():
         queued.add_metric((model,), load.queued)
         s = load.slots

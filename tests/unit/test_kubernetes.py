@@ -20,6 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from gateway import loadmetrics
 from lifecycle.settings import VARIABLES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,10 +37,7 @@ CRD_SCHEMAS = {
     ("inference.networking.k8s.io/v1", "InferencePool"): DATA / "inferencepool_v1.schema.json",
 }
 # The gauges the autoscalers and the endpoint picker read from the gateway's /metrics (label `model`).
-# TODO: import them from gateway.metrics once the gateway exports them under constants.
-GATEWAY_METRICS = frozenset({
-    "gateway_queued_requests", "gateway_running_requests", "gateway_slots_total", "gateway_kv_cache_utilization",
-})
+GATEWAY_METRICS = loadmetrics.SERIES
 SETTINGS = frozenset(var.name for var in VARIABLES)
 NAME = "llama-gguf-inference"
 POD_LABELS = {"app.kubernetes.io/name": NAME}
