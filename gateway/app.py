@@ -395,6 +395,9 @@ def create_app(
     app[KEYS] = store
     if settings.redis_url and settings.auth_enabled:
         _share(app, settings, store, guard, metrics)
+    elif settings.redis_url:
+        log.warning("REDIS_URL is not used with AUTH_ENABLED=false: what it shares (rate limits, token budgets, "
+                    "failed keys, revocations) is per key")
     app[AUDIT] = AuditLog(settings.audit_dir)
     app.cleanup_ctx.append(_audit_ctx)  # first in, last out: it outlives what writes to it
     if settings.auth_enabled:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -74,3 +75,14 @@ def test_the_backend_log_tail_is_only_shown_to_local_or_keyed_callers(tmp_path: 
         assert (await body("::1"))["log_tail"] == backend.last_log_lines
 
     asyncio.run(run())
+
+
+def test_redis_url_without_auth_is_said_to_be_unused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from gateway.state import SHARED
+
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path), "AUTH_ENABLED": "false",
+                                  "REDIS_URL": "redis://:s3cret@127.0.0.1:1/0"}, probe_roots=[])
+    with caplog.at_level("WARNING"):
+        app = create_app(settings, Supervisor(settings))
+    assert SHARED not in app
+    assert "REDIS_URL is not used with AUTH_ENABLED=false" in caplog.text and "s3cret" not in caplog.text
