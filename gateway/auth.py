@@ -256,6 +256,7 @@ class Refused(NamedTuple):
 def verdict(
     ring: KeyRing, guard: Guard, settings: Settings, header: str, client: str, path: str,
     *, consume: bool = True, now: datetime | None = None, facts: Facts | None = None,
+    identified: KeyEntry | Refused | None = None,
 ) -> Admitted | Refused:
     """Who is calling and whether they may: the one auth, scope, budget and rate-limit rule of both lanes.
 
@@ -269,10 +270,11 @@ def verdict(
 
     `facts`: what the shared windows said (gateway.shared, with REDIS_URL: judge() below), read in place of the
     replica's own failed-key, recent-key, budget and rate windows; the replica's own are kept current too, for
-    when Redis is down."""
+    when Redis is down. `identified`: what identify() already said of `header` with this ring (judge(), the fast
+    lane), so the key is not looked up again."""
     if not settings.auth_enabled:
         return Admitted(ANONYMOUS, None)
-    entry = identify(ring, header, now)
+    entry = identify(ring, header, now) if identified is None else identified
     if not isinstance(entry, Refused) and (revoked(guard, entry) or (facts is not None and facts.revoked)):
         entry = Refused(401, "this API key has been revoked", "revoked_api_key", "auth", key_id=entry.key_id)
     blocked = facts.blocked if facts is not None else guard.failures.check(client, settings.auth_failure_limit,
@@ -301,7 +303,7 @@ def revoked(guard: Guard, entry: KeyEntry) -> bool:
 
 async def judge(
     ring: KeyRing, guard: Guard, shared: Shared, settings: Settings, header: str, client: str, path: str,
-    *, consume: bool = True, now: datetime | None = None,
+    *, consume: bool = True, now: datetime | None = None, identified: KeyEntry | Refused | None = None,
 ) -> Admitted | Refused:
     """verdict() with the shared windows (REDIS_URL): one Redis round trip for the facts, then verdict() decides
     with them. Only what verdict() needs beforehand and uses nothing up is worked out here (the key, its route
@@ -309,7 +311,7 @@ async def judge(
     a refused key is not counted as a failure (the fast lane hands a refusal to aiohttp's lane, which counts it)."""
     if not settings.auth_enabled:
         return Admitted(ANONYMOUS, None)
-    entry = identify(ring, header, now)
+    entry = identify(ring, header, now) if identified is None else identified
     if isinstance(entry, Refused) or revoked(guard, entry):
         valid, digest_, key_id, route_ok, free, limit, per_minute, per_day = False, b"", "", False, False, 0, None, None
     else:
@@ -322,7 +324,7 @@ async def judge(
     # a key that is let in is charged whatever `consume` says (the script took its place in the rate window)
     refusing = not valid or (facts is not None and facts.revoked)
     return verdict(ring, guard, settings, header, client, path, consume=consume or not refusing, now=now,
-                   facts=facts)
+                   facts=facts, identified=entry)
 
 
 def _too_many_failures(blocked: Decision) -> Refused:

@@ -47,6 +47,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from gateway.auth import Admitted, charge, credential, judge, verdict
 from gateway.connections import GatewayServer, WriteStall
 from gateway.errors import CLIENT_CLOSED, INTERNAL_ERROR, error_body
+from gateway.keyfile import KeyEntry
 from gateway.limits import body_too_large, header_problem
 from gateway.pipeline import SSE_HEADERS, Exchange
 from gateway.routes import GET_ROUTES, JSON_ROUTES
@@ -86,6 +87,7 @@ class _Taken(NamedTuple):
     stream: bool
     slots: int
     model: str | None
+    key: KeyEntry | None  # the caller's key, as verdict() found it
 
 
 class LaneLimits(NamedTuple):
@@ -404,7 +406,7 @@ class FastConnection(asyncio.Protocol):
             key = looked.entry
             if key is not None and key.models and model_refusal(key, lane.pipeline.names(model)) is not None:
                 return None  # aiohttp's lane gives the 403
-        taken = _Taken(started, candidate, body, stream, slots, model)
+        taken = _Taken(started, candidate, body, stream, slots, model, looked.entry)
         if looked.entry is not None and lane.shared is not None:
             return taken  # the shared windows' judge (gateway.auth.judge) is awaited by _judged()
         admitted = looked if looked.entry is None else charge(lane.guard, looked, self.client)
@@ -423,7 +425,8 @@ class FastConnection(asyncio.Protocol):
         it). Nothing was counted against the caller for it: judge(consume=False)."""
         lane = self.lane
         admitted = await judge(lane.keys.ring, lane.guard, lane.shared, lane.settings,  # type: ignore[arg-type]
-                               taken.candidate.authorization, self.client, taken.candidate.path, consume=False)
+                               taken.candidate.authorization, self.client, taken.candidate.path, consume=False,
+                               identified=taken.key)
         if isinstance(admitted, Admitted):
             await self._answer(self._exchange(taken, admitted))
             return
