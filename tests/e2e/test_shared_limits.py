@@ -25,9 +25,10 @@ KEYS = {
     "busy": "sk-shared-busy-0123456789",
     "local": "sk-shared-local-0123456789",
     "again": "sk-shared-again-0123456789",
+    "rotor": "sk-shared-rotor-0123456789",
     "ops": "sk-shared-ops-0123456789",
 }
-LINES = ("limited:{limited}:12\nvictim:{victim}\nbusy:{busy}\nlocal:{local}:2\nagain:{again}:3\n"
+LINES = ("limited:{limited}:12\nvictim:{victim}\nbusy:{busy}\nlocal:{local}:2\nagain:{again}:3\nrotor:{rotor}\n"
          "ops:{ops} admin=true\n").format(**KEYS)
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 REDIS_TIMEOUT = 0.5  # a loaded 2-core box; the default is 0.1 s
@@ -102,6 +103,24 @@ def test_a_key_removed_through_one_replica_is_refused_by_all_within_a_second(
     refused = post(gateways[2], "victim").json()["error"]
     assert refused["code"] == "revoked_api_key" and refused["message"] == "this API key has been revoked"
     assert post(gateways[1], "busy").status_code == 200  # other keys are not touched
+
+
+def test_a_key_rotated_on_one_replica_is_refused_by_all_and_its_new_key_works(
+    cluster: tuple[list[Gateway], RedisServer],
+) -> None:
+    gateways, _ = cluster
+    assert all(post(gw, "rotor").status_code == 200 for gw in gateways)
+    rotated = subprocess.run([sys.executable, "-m", "gateway.keys", "rotate", "--name", "rotor", "-q", "--file",
+                              gateways[1].env["AUTH_KEYS_FILE"]], cwd=ROOT, check=True, capture_output=True,
+                             text=True, timeout=30)
+    new_key = rotated.stdout.strip()
+    assert new_key.startswith("sk-") and new_key != KEYS["rotor"]
+    # no reload call this time: replica 1's file watcher (once a second) finds the change, then the others follow
+    wait_for(lambda: all(post(gw, "rotor").status_code == 401 for gw in gateways), timeout=3)
+    assert post(gateways[0], "rotor").json()["error"]["code"] == "revoked_api_key"
+    fresh = requests.post(gateways[1].url + "/v1/chat/completions", json=CHAT, timeout=30,
+                          headers={"Authorization": f"Bearer {new_key}"})
+    assert fresh.status_code == 200  # the new key, in replica 1's file, is not caught by the old one's revocation
 
 
 def test_redis_killed_mid_load_falls_back_without_a_hang_and_comes_back(
