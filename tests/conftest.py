@@ -18,10 +18,19 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_GIVEN: set[int] = set()  # ports free_port() handed out in this test run
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing listens on, never one handed out before in this run: the kernel may give the same
+    free port to two calls in a row (a gateway once got PORT == PORT_BACKEND and refused to start)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def children_of(pid: int) -> list[int]:
