@@ -114,12 +114,19 @@ def wait_api(proc: subprocess.Popen[bytes], port: int, data_dir: Path) -> str:
             time.sleep(0.2)
 
 
+def _cmdline(pid: int) -> str:
+    """A process's command line; "" when it is gone (a short-lived child that exited since it was listed)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 def backend_of(proc: subprocess.Popen[bytes], timeout: float = 60) -> int:
     """The pid of the handler's llama-server."""
     deadline = time.monotonic() + timeout
     while True:
-        found = [p for p in children_of(proc.pid)
-                 if "llama-server" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+        found = [p for p in children_of(proc.pid) if "llama-server" in _cmdline(p)]
         if found:
             return found[0]
         assert time.monotonic() < deadline, "no llama-server child"
