@@ -155,24 +155,31 @@ def kv_unified(extra_args: Sequence[str], options: Iterable[tuple[str, str]] = (
     return choice
 
 
-def slots_path(model: str | None) -> str:
-    # with several models, that model's own llama-server through the router; autoload=false: never loads one
-    return "/slots" if model is None else f"/slots?model={quote(model, safe='')}&autoload=false"
+def model_path(path: str, model: str | None) -> str:
+    """`path` of the backend, or of one model's own llama-server through the router (autoload=false: a scrape
+    never loads a model)."""
+    return path if model is None else f"{path}?model={quote(model, safe='')}&autoload=false"
 
 
-async def read_slots(upstream: Upstream, model: str | None, timeout: float) -> list[Mapping[str, Any]] | None:
-    """GET /slots of the backend (or of one model's through the router); None when it fails, times out or answers
-    anything but a JSON array (--no-slots answers 501)."""
-    path = slots_path(model)
+async def backend_get(upstream: Upstream, path: str, model: str | None, timeout: float) -> bytes | None:
+    """The body of one GET to llama-server (or to one model's, through the router) within `timeout`; None when it
+    failed (a warning) or answered anything but 200 (llama-server's own answer: --no-slots gives 501, every
+    scrape, so no warning)."""
+    path = model_path(path, model)
     try:
         reply = await upstream.request("GET", path, timeout=timeout)
     except UpstreamError as exc:
         log.warning("llama-server %s failed: %s", path, exc)
         return None
-    if reply.status != 200:
-        log.warning("llama-server %s answered %d", path, reply.status)
+    return reply.body if reply.status == 200 else None
+
+
+async def read_slots(upstream: Upstream, model: str | None, timeout: float) -> list[Mapping[str, Any]] | None:
+    """GET /slots of the backend (or of one model's through the router); None when it fails, times out or answers
+    anything but a JSON array (--no-slots answers 501)."""
+    body = await backend_get(upstream, "/slots", model, timeout)
+    if body is None:
         return None
-    body = reply.body
     return await asyncio.to_thread(parse_slots, body) if len(body) > PARSE_IN_THREAD else parse_slots(body)
 
 

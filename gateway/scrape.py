@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote
 
 from aiohttp import web
 
 from gateway.health import model_states
-from gateway.loadmetrics import ModelLoad, kv_unified, read_slots, requests_deferred, slot_load
+from gateway.loadmetrics import ModelLoad, backend_get, kv_unified, read_slots, requests_deferred, slot_load
 from gateway.metrics import negotiate, relabel_backend_metrics
 from gateway.state import ADMISSION, BACKEND, METRICS, OBSERVER, SETTINGS, STATS, UPSTREAM
-from lifecycle.upstream import UpstreamError
 
-log = logging.getLogger("gateway.scrape")
 BACKEND_SCRAPE_TIMEOUT = 2.0
 
 
@@ -92,16 +88,8 @@ def _load(request: web.Request, model: str | None, text: str,
 
 async def _backend_metrics(request: web.Request, model: str | None = None) -> str:
     """llama-server's /metrics text as it answered ("" when it failed); a model's own, through the router."""
-    # autoload=false: a scrape never loads a model
-    path = "/metrics" if model is None else f"/metrics?model={quote(model, safe='')}&autoload=false"
-    try:
-        reply = await request.app[UPSTREAM].request("GET", path, timeout=BACKEND_SCRAPE_TIMEOUT)
-    except UpstreamError as exc:
-        log.warning("llama-server %s failed: %s", path, exc)
-        return ""
-    if reply.status != 200:
-        return ""
-    return reply.body.decode("utf-8", "replace")
+    body = await backend_get(request.app[UPSTREAM], "/metrics", model, BACKEND_SCRAPE_TIMEOUT)
+    return "" if body is None else body.decode("utf-8", "replace")
 
 
 def add_routes(app: web.Application) -> None:

@@ -21,11 +21,11 @@ from gateway.loadmetrics import (
     SlotLoad,
     families,
     kv_unified,
+    model_path,
     parse_slots,
     read_slots,
     requests_deferred,
     slot_load,
-    slots_path,
     utilization,
 )
 from gateway.metrics import Metrics
@@ -139,7 +139,8 @@ def test_read_slots_none_on_failure_and_the_routers_path() -> None:
             assert await read_slots(FakeUpstream(answer), None, 2.0) is None  # type: ignore[arg-type]
 
     asyncio.run(run())
-    assert slots_path(None) == "/slots"
+    assert model_path("/slots", None) == "/slots"
+    assert model_path("/metrics", "a/b") == "/metrics?model=a%2Fb&autoload=false"
 
 
 def scrape(loads: dict[str, ModelLoad]) -> dict[str, Any]:
