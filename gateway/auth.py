@@ -290,10 +290,15 @@ def verdict(
     refused = route_refusal(entry, path, settings.passthrough_routes)
     if refused is not None:
         return refused
-    looked = Admitted(entry.key_id, None, entry.rate_limit or settings.max_requests_per_minute, entry.admin, entry)
+    looked = Admitted(entry.key_id, None, rate_limit(entry, settings), entry.admin, entry)
     if not consume:
         return looked  # only looked: charge() takes its place in the limits later
     return charge(guard, looked, client, facts)
+
+
+def rate_limit(entry: KeyEntry, settings: Settings) -> int:
+    """A key's requests per minute: its own limit, else MAX_REQUESTS_PER_MINUTE."""
+    return entry.rate_limit or settings.max_requests_per_minute
 
 
 def revoked(guard: Guard, entry: KeyEntry) -> bool:
@@ -317,8 +322,8 @@ async def judge(
     else:
         valid, digest_, key_id = True, entry.digest, entry.key_id
         route_ok = route_refusal(entry, path, settings.passthrough_routes) is None
-        free = entry.max_concurrent is None or guard.in_flight.get(key_id, 0) < entry.max_concurrent
-        limit = entry.rate_limit or settings.max_requests_per_minute
+        free = guard.has_room(key_id, entry.max_concurrent)
+        limit = rate_limit(entry, settings)
         per_minute, per_day = entry.tokens_per_minute, entry.tokens_per_day
     facts = await shared.judge(valid, digest_, key_id, client, route_ok, free, limit, per_minute, per_day, consume)
     # a key that is let in is charged whatever `consume` says (the script took its place in the rate window)
@@ -350,7 +355,7 @@ def charge(guard: Guard, looked: Admitted, client: str, facts: Facts | None = No
             return Refused(429, f"the token budget of {budget} of this API key is spent; retry in "
                                 f"{retry_after(seconds)}s", "token_budget_exceeded", "budget",
                            {"Retry-After": retry_after(seconds)}, key_id)
-    if entry.max_concurrent is not None and guard.in_flight.get(key_id, 0) >= entry.max_concurrent:
+    if not guard.has_room(key_id, entry.max_concurrent):
         return Refused(429, f"this API key already has {entry.max_concurrent} requests in flight "
                             f"(max_concurrent); retry when one is done", "too_many_concurrent_requests", "budget",
                        {"Retry-After": "1"}, key_id)

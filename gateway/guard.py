@@ -143,11 +143,14 @@ class Guard:
 
     # --- concurrency -------------------------------------------------------------------------------------------
 
+    def has_room(self, key_id: str, most: int | None) -> bool:
+        """Whether the key may start one more request under `most` in flight (None: no cap)."""
+        return most is None or self.in_flight.get(key_id, 0) < most
+
     def enter(self, key_id: str, most: int) -> bool:
-        running = self.in_flight.get(key_id, 0)
-        if running >= most:
+        if not self.has_room(key_id, most):
             return False
-        self.in_flight[key_id] = running + 1
+        self.in_flight[key_id] = self.in_flight.get(key_id, 0) + 1
         return True
 
     def leave(self, key_id: str) -> None:

@@ -127,11 +127,9 @@ HEALTH_READY = web.AppKey("ready", Callable[[], bool])
 async def _ping(request: web.Request) -> web.Response:
     """RunPod load-balancing endpoints' protocol: GET /ping on PORT_HEALTH is 204 while the worker initializes
     (the model loads), 200 once it can answer, anything else unhealthy (503 while draining)."""
-    if request.app[HEALTH_DRAIN].draining:
-        return web.Response(status=503, text="draining")
-    if not request.app[HEALTH_READY]():
+    if not request.app[HEALTH_DRAIN].draining and not request.app[HEALTH_READY]():
         return web.Response(status=204)
-    return web.Response(text="OK")
+    return await _alive(request)
 
 
 def create_health_app(drain: Drain, ready: Callable[[], bool] = lambda: True) -> web.Application:

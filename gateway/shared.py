@@ -7,7 +7,7 @@ Redis's own clock (so replicas whose clocks differ still share one window). Requ
 their round trip: every request judged in one turn of the event loop goes out in one JUDGE call that judges them
 in order (auto-pipelining, as ioredis's enableAutoPipelining, one step further: one script call, not a pipeline
 of them), so 32 concurrent requests cost the event loop about what one call does. Token spending is batched: each
-replica sends what its answers spent at most every SPEND_INTERVAL, in one pipelined round trip, off the request path.
+replica sends what its answers spent at most every SPEND_INTERVAL, in one SPEND call, off the request path.
 
 The decisions stay gateway.auth.verdict's: the script supplies the facts (is the address blocked, did it use this key
 lately, is the key revoked, the budgets' wait, the rate decision) and takes a place in the rate window only in the
@@ -67,7 +67,14 @@ MINUTE, DAY = (60, 1), (86400, 60)  # (window, bucket) in seconds: gateway.guard
 #       far cheaper to send; Redis Cluster, which needs keys declared, is not supported.)
 # Returns, per request, {blocked, blocked reset ms, known, revoked, budget wait ms (-1: none), budget (1 minute,
 #          2 day), rate (-1 not looked, 0 refused, 1 allowed), remaining, rate reset ms}
-JUDGE = """
+# Both scripts name a key's token windows the same way: one place.
+TOKEN_WINDOWS = """
+local function token_window(P, key, which)  -- which: 'm' (minute) or 'd' (day); the hash of buckets + "sum",
+  local h = P .. 'tok:' .. which .. ':' .. key  -- and the list of its bucket starts
+  return h, h .. ':b'
+end
+"""
+JUDGE = TOKEN_WINDOWS + """
 local P = ARGV[1]
 local batch = cjson.decode(ARGV[2])
 local flimit, fwindow = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -124,12 +131,12 @@ local function judge(A)
   local known = at >= 0 and now - at < good_for
   if known then out[3] = 1 end
   if (blocked == 1 and not known) or A[4] ~= 1 then return out end
-  local budgets = {{A[7], 'tok:m:', 60, 1, 1}, {A[8], 'tok:d:', 86400, 60, 2}}
+  local budgets = {{A[7], 'm', 60, 1, 1}, {A[8], 'd', 86400, 60, 2}}
   for _, b in ipairs(budgets) do
     local budget = b[1]
     if budget > 0 then
-      local h = P .. b[2] .. key
-      local wait = tokens(h, h .. ':b', b[3], b[4], budget)
+      local h, l = token_window(P, key, b[2])
+      local wait = tokens(h, l, b[3], b[4], budget)
       if wait >= 0 and math.ceil(wait * 1000) > out[5] then
         out[5], out[6] = math.ceil(wait * 1000), b[5]
       end
@@ -158,22 +165,25 @@ for i, A in ipairs(batch) do replies[i] = judge(A) end
 return replies
 """
 
-# KEYS: minute hash, minute list, day hash, day list; ARGV: tokens. Each window's bucket of now, as TokenWindow.add.
-SPEND = """
+# ARGV: 1 PREFIX, 2 a JSON object: key id -> tokens spent. Each window's bucket of now, as TokenWindow.add.
+SPEND = TOKEN_WINDOWS + """
+local P = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1])
-local n = tonumber(ARGV[1])
-for i, w in ipairs({{1, 2, 1, 61}, {3, 4, 60, 86460}}) do
-  local h, l, bucket = KEYS[w[1]], KEYS[w[2]], w[3]
-  local start = tostring(now - now % bucket)
-  if redis.call('LINDEX', l, -1) ~= start then redis.call('RPUSH', l, start) end
-  redis.call('HINCRBY', h, start, n)
-  redis.call('HINCRBY', h, 'sum', n)
-  redis.call('EXPIRE', h, w[4])
-  redis.call('EXPIRE', l, w[4])
+for key, n in pairs(cjson.decode(ARGV[2])) do
+  for _, w in ipairs({{'m', 1, 61}, {'d', 60, 86460}}) do
+    local h, l = token_window(P, key, w[1])
+    local start = tostring(now - now % w[2])
+    if redis.call('LINDEX', l, -1) ~= start then redis.call('RPUSH', l, start) end
+    redis.call('HINCRBY', h, start, n)
+    redis.call('HINCRBY', h, 'sum', n)
+    redis.call('EXPIRE', h, w[3])
+    redis.call('EXPIRE', l, w[3])
+  end
 end
 return 1
 """
+SCRIPTS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (JUDGE, SPEND)}
 
 
 class Facts(NamedTuple):
@@ -200,11 +210,6 @@ def revocation_tag(digest: bytes) -> str:
     return hashlib.sha256(b"llama-gguf-inference revoked\0" + digest).hexdigest()[:40]
 
 
-def _token_keys(key_id: str) -> list[str]:
-    return [f"{PREFIX}tok:m:{key_id}", f"{PREFIX}tok:m:{key_id}:b", f"{PREFIX}tok:d:{key_id}",
-            f"{PREFIX}tok:d:{key_id}:b"]
-
-
 class Shared:
     """The shared windows of one gateway process, and whether Redis is reachable (`up`).
 
@@ -223,10 +228,7 @@ class Shared:
         self.on_revoked = on_revoked
         self.up = True  # until a call fails; start() finds out at once
         self.fallbacks = 0  # requests judged by this replica alone while Redis was down
-        self.errors = 0
-        self._judge_sha = hashlib.sha1(JUDGE.encode()).hexdigest()
         self._batch: list[tuple[list[object], asyncio.Future[list[int]]]] = []
-        self._spend = self.redis.register_script(SPEND)
         self._nonce = itertools.count()
         self._replica = os.urandom(6).hex()
         self._pending: dict[str, int] = {}  # key id -> tokens not yet sent
@@ -288,17 +290,12 @@ class Shared:
         self._send_batch()
 
     async def _judge_all(self, batch: list[tuple[list[object], asyncio.Future[list[int]]]]) -> None:
-        """One JUDGE call for the batch; each reply to its request. A Redis that does not know the script yet (a
-        new or restarted one) gets it loaded, then the batch again: one more round trip, once."""
+        """One JUDGE call for the batch; each reply to its request."""
         args = (PREFIX, json.dumps([item for item, _ in batch], separators=(",", ":")), self.failure_limit,
                 self.failure_window, GOOD_FOR, GOOD_REFRESH)
         replies: list[object]
         try:
-            try:
-                replies = await self.redis.evalsha(self._judge_sha, 0, *args)
-            except NoScriptError:
-                await self.redis.script_load(JUDGE)
-                replies = await self.redis.evalsha(self._judge_sha, 0, *args)
+            replies = await self._eval(JUDGE, *args)  # type: ignore[assignment]
         except Exception as exc:
             replies = [exc] * len(batch)
         for (_, reply), out in zip(batch, replies, strict=True):
@@ -360,6 +357,15 @@ class Shared:
         with contextlib.suppress(Exception):
             await self.redis.aclose()
 
+    async def _eval(self, script: str, *args: object) -> object:
+        """One of our scripts, by its hash; a Redis that does not know it yet (new, restarted, flushed) gets it
+        loaded, then the call again: one more round trip, once."""
+        try:
+            return await self.redis.evalsha(SCRIPTS[script], 0, *args)
+        except NoScriptError:
+            await self.redis.script_load(script)
+            return await self.redis.evalsha(SCRIPTS[script], 0, *args)
+
     async def _call(self, what: Callable[[], object]) -> object:
         async with asyncio.timeout(self.timeout * 4):  # background work: a little more patience
             return await what()  # type: ignore[misc]
@@ -400,14 +406,8 @@ class Shared:
     async def _send_spent(self) -> None:
         pending, self._pending = self._pending, {}
 
-        async def send() -> object:
-            pipe = self.redis.pipeline(transaction=False)
-            for key_id, tokens in pending.items():
-                await self._spend(keys=_token_keys(key_id), args=(tokens,), client=pipe)
-            return await pipe.execute()
-
         try:
-            await self._call(send)
+            await self._call(lambda: self._eval(SPEND, PREFIX, json.dumps(pending)))
         except Exception as exc:
             self._went_down(exc)
 
@@ -440,7 +440,6 @@ class Shared:
         self.on_revoked(self._known)
 
     def _went_down(self, exc: BaseException) -> None:
-        self.errors += 1
         if not self.up:
             return
         self.up = False
